@@ -1,0 +1,164 @@
+"""One attention dispatcher with one mask description and several backends.
+
+The mask is described, never materialised by callers: ``AttnMask`` holds per-query and per-key
+segment ids (0 = padding / empty cache slot, equal ids may attend to each other) and per-query and
+per-key slot indices used for causality (a query at slot ``i`` sees keys at slots ``<= i``). This one
+description covers causal and bidirectional attention, HF-style key padding, left-padded batches,
+packed sequences (segment ids) and decoding against a KV cache (key slots = cache slots).
+
+Backends:
+  * ``xla``       einsum + explicit boolean mask; the reference every other backend is tested against.
+  * ``blockwise`` online softmax over key blocks (``lax.scan``); memory linear in the key length, so
+                  long prefills never hold a ``[T, S]`` score matrix; runs on any device.
+  * ``cudnn``     ``jax.nn.dot_product_attention(implementation="cudnn")`` on GPU with the same mask;
+                  rejected with a clear error on other platforms.
+  * ``auto``      ``cudnn`` on GPU for bf16/fp16, ``blockwise`` for long keys elsewhere, else ``xla``.
+
+Shapes: q ``[B, T, N, H]``, k/v ``[B, S, K, H]`` with ``N % K == 0`` (grouped-query attention).
+Softmax is computed in fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("xla", "blockwise", "cudnn", "auto")
+_NEG = -1e30  # finite "minus infinity": fully masked (padding) rows stay finite instead of NaN
+
+
+@flax.struct.dataclass
+class AttnMask:
+    q_segment: jax.Array  # int32 [B, T]
+    kv_segment: jax.Array  # int32 [B, S]
+    q_index: jax.Array  # int32 [B, T]
+    kv_index: jax.Array  # int32 [B, S]
+    causal: bool = flax.struct.field(pytree_node=False, default=True)
+
+    @classmethod
+    def make(cls, batch: int, length: int, *, causal: bool = True, attention_mask=None, segment_ids=None):
+        """Mask for a plain forward over ``length`` tokens.
+
+        ``attention_mask`` follows HF (1 = token, 0 = padding, any side); ``segment_ids`` (1-based,
+        0 = padding) describes packed rows. Give at most one of them.
+        """
+        if attention_mask is not None and segment_ids is not None:
+            raise ValueError("give attention_mask or segment_ids, not both")
+        if segment_ids is None:
+            segment_ids = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
+                           else jnp.asarray(attention_mask).astype(jnp.int32))
+        seg = jnp.asarray(segment_ids, jnp.int32)
+        if seg.shape != (batch, length):
+            raise ValueError(f"mask shape {seg.shape} does not match (batch, length) = {(batch, length)}")
+        idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        return cls(seg, seg, idx, idx, causal)
+
+    def dense(self) -> jax.Array:
+        """The boolean ``[B, T, S]`` mask this description stands for."""
+        return _block_mask(self, self.kv_segment, self.kv_index)
+
+
+def _block_mask(mask: AttnMask, kv_segment, kv_index):
+    ok = (mask.q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
+    if mask.causal:
+        ok &= kv_index[:, None, :] <= mask.q_index[:, :, None]
+    return ok
+
+
+def _group(q, k):
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    if n % kh:
+        raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({kh})")
+    return q.reshape(b, t, kh, n // kh, h)
+
+
+def xla_attention(q, k, v, mask: AttnMask, scale: float):
+    b, t, n, h = q.shape
+    qg = _group(q, k)
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    ok = mask.dense()[:, None, None, :, :]
+    s = jnp.where(ok, s, _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, n, h).astype(q.dtype)
+
+
+def blockwise_attention(q, k, v, mask: AttnMask, scale: float, block_size: int = 512):
+    """Online-softmax attention over key blocks: O(T * block) scores live at once, not O(T * S)."""
+    b, t, n, h = q.shape
+    s_len, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    bs = min(block_size, s_len)
+    nblocks = -(-s_len // bs)
+    pad = nblocks * bs - s_len
+    kv_seg, kv_idx = mask.kv_segment, mask.kv_index
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pad)))  # segment 0: never attended
+        kv_idx = jnp.pad(kv_idx, ((0, 0), (0, pad)))
+    kb = k.reshape(b, nblocks, bs, kh, h).swapaxes(0, 1)
+    vb = v.reshape(b, nblocks, bs, kh, h).swapaxes(0, 1)
+    segb = kv_seg.reshape(b, nblocks, bs).swapaxes(0, 1)
+    idxb = kv_idx.reshape(b, nblocks, bs).swapaxes(0, 1)
+    qg = _group(q, k)
+
+    def body(carry, xs):
+        m, l, acc = carry
+        kblk, vblk, seg, idx = xs
+        s = jnp.einsum("btkgh,bskh->bkgts", qg, kblk, preferred_element_type=jnp.float32) * scale
+        ok = _block_mask(mask, seg, idx)[:, None, None, :, :]
+        s = jnp.where(ok, s, _NEG)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l = l * corr + p.sum(axis=-1)
+        pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
+        acc = acc * corr[..., None] + pv
+        return (m_new, l, acc), None
+
+    init = (jnp.full((b, kh, g, t), _NEG, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+            jnp.zeros((b, kh, g, t, h), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(jax.checkpoint(body), init, (kb, vb, segb, idxb))
+    o = acc / jnp.maximum(l, 1e-30)[..., None]
+    return jnp.einsum("bkgth->btkgh", o).reshape(b, t, n, h).astype(q.dtype)
+
+
+def cudnn_attention(q, k, v, mask: AttnMask, scale: float):
+    if jax.default_backend() != "gpu":
+        raise RuntimeError(f"attention backend 'cudnn' needs a GPU; this process runs on {jax.default_backend()!r}")
+    dense = mask.dense()[:, None, :, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, implementation="cudnn")
+
+
+def attention(q, k, v, mask: AttnMask, *, scale: float | None = None, backend: str = "xla",
+              block_size: int = 512):
+    """Dispatch to a backend. See the module docstring for shapes and semantics."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if backend == "auto":
+        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            backend = "cudnn"
+        elif k.shape[1] > 4 * block_size:
+            backend = "blockwise"
+        else:
+            backend = "xla"
+    if backend == "xla":
+        return xla_attention(q, k, v, mask, scale)
+    if backend == "blockwise":
+        return blockwise_attention(q, k, v, mask, scale, block_size=block_size)
+    if backend == "cudnn":
+        return cudnn_attention(q, k, v, mask, scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_available() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
