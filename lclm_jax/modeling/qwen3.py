@@ -35,6 +35,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     backend: str = "xla"
+    rope_round_dtype: jnp.dtype | None = None  # round cos/sin to this dtype (reference adapter layers)
 
     @nn.compact
     def __call__(self, x, positions, mask: AttnMask, layer_cache=None, cache_index=None):
@@ -48,7 +49,8 @@ class Attention(nn.Module):
         v = dense(kh * h, "v_proj")(x).reshape(b, t, kh, h)
         q = RMSNorm(h, c.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
         k = RMSNorm(h, c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
-        cos, sin = rope_lib.cos_sin(positions, h, c.rope_theta, self.dtype)
+        cos, sin = rope_lib.cos_sin(positions, h, c.rope_theta, self.rope_round_dtype or self.dtype)
+        cos, sin = cos.astype(self.dtype), sin.astype(self.dtype)
         q = rope_lib.apply_rope(q, cos, sin)
         k = rope_lib.apply_rope(k, cos, sin)
         new_cache = None
