@@ -214,7 +214,10 @@ class LCLM:
 
     def logits(self, prompt: str) -> np.ndarray:
         """float32 ``[S, V]`` logits over exactly the processed prompt (no chat template added)."""
-        p = self._process(prompt)
+        return self.logits_processed(self._process(prompt))
+
+    def logits_processed(self, p: ProcessedPrompt) -> np.ndarray:
+        """float32 ``[S, V]`` logits for an already processed prompt (e.g. with appended token ids)."""
         ids, mask, _, lat, pidx = self._decoder_batch([p], "right")
         out = self._forward_fn(self.params, ids, mask, lat, pidx, True)
         return np.asarray(out[0, :len(p.input_ids)])
