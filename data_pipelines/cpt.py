@@ -145,6 +145,7 @@ class CPTBuilder:
 
     def __init__(self, tokenizers: Tokenizers, config: CPTConfig = CPTConfig()):
         self.tok, self.cfg = tokenizers, config
+        self.last_plan = None
 
     def __call__(self, record, rng: np.random.Generator):
         try:
@@ -153,7 +154,8 @@ class CPTBuilder:
             return skip_example(e.reason, KIND_CPT)
 
     def build(self, record, rng: np.random.Generator):
-        """Returns ``(example, plan)`` where ``plan`` holds the realised segment lengths."""
+        """Returns ``(example, realised)``: the segment lengths after snapping cuts to character
+        boundaries (each cut moves forward by at most 3 tokens; ``self.last_plan`` keeps the plan)."""
         cfg, tok = self.cfg, self.tok
         text = get_text(record, cfg.text_field, cfg.max_chars)
         ids, starts = tok.decode_tokens(text)
@@ -163,13 +165,13 @@ class CPTBuilder:
             text = text[:starts[cfg.max_document_tokens]]
             ids, starts = ids[:cfg.max_document_tokens], starts[:cfg.max_document_tokens]
         n = len(ids)
-        plan = plan_segments(n, cfg, rng)
+        plan = self.last_plan = plan_segments(n, cfg, rng)
         cuts = list(np.cumsum([l for _, l in plan]))[:-1]
         snapped = snap_cuts(cuts, valid_cuts(starts))
         if len(snapped) != len(cuts):
             raise SkipRecord("too_short", "segment vanished at a character boundary")
         bounds = [0] + snapped + [n]
-        realised = [(w, bounds[i + 1] - bounds[i]) for i, (w, _) in enumerate(plan)]
+        realised = [(w, int(bounds[i + 1] - bounds[i])) for i, (w, _) in enumerate(plan)]
         if min(l for _, l in realised) < cfg.min_segment_tokens:
             raise SkipRecord("too_short", "segment below minimum after character snapping")
         char = np.append(starts, len(text))
