@@ -270,8 +270,17 @@ class LCLM:
             return []
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        sampling = SamplingConfig(float(temperature), float(top_p), int(top_k), float(repetition_penalty))
         rows = [self._process(p, chat=chat) for p in prompts]
+        return self.generate_processed(rows, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       seed=seed, repetition_penalty=repetition_penalty, stop_ids=stop_ids)
+
+    def generate_processed(self, rows, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                           top_k: int = 0, seed: int = 0, repetition_penalty: float = 1.0,
+                           stop_ids=None) -> list[list[int]]:
+        """``generate_ids`` for already processed prompts (``ProcessedPrompt``: ids, spans, positions)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling = SamplingConfig(float(temperature), float(top_p), int(top_k), float(repetition_penalty))
         b = _pow2(len(rows), 1)
         ids, mask, _, lat, pidx = self._decoder_batch(rows, "left", batch_size=b)
         stops = np.asarray(sorted(stop_ids if stop_ids is not None else self.stop_ids) or [-1], np.int32)
