@@ -131,3 +131,28 @@ def test_cli_generate_and_inspect(tmp_path, lm):
     jl.write_text("{not json}\n")
     r = _cli("generate", "--checkpoint", str(CK), "--prompts-jsonl", str(jl))
     assert r.returncode == 2 and "p.jsonl:1" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["mean_causal_cr4_w16", "concat_causal_cr4_w16", "eos_bidir_cr4_w16_o4"])
+def test_streamed_pooling_equals_gather_reference(name):
+    """Chunked encode-and-scatter pooling == whole-grid encode + gather pooling (and the numpy spec)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from lclm_jax.lclm.windows import pool_numpy
+
+    lm = lclm_jax.load(GOLDEN / name / "checkpoint", dtype="float32", max_encode_batch_size=4)
+    spans = lm.processor.process(LONG + " <|memory_start|>short one<|memory_end|>").span_ids
+    eb, enc = lm._encoder_inputs(spans)
+    m = lm.model
+    streamed = m.encode_and_pool(lm.params["encoder"], enc["input_ids"], enc["valid"], enc["positions"],
+                                 enc["pool_index"], enc["pool_mask"])
+    whole = dataclasses.replace(m, max_encode_batch_size=0)
+    hidden = whole.encode_windows(lm.params["encoder"], jnp.asarray(enc["input_ids"]), jnp.asarray(enc["valid"]),
+                                  jnp.asarray(enc["positions"]))
+    gathered = whole.pool(hidden, enc["pool_index"], enc["pool_mask"])
+    spec = pool_numpy(np.asarray(hidden), eb, m.config.pooling)
+    n = eb.num_latents
+    assert np.abs(np.asarray(streamed)[:n] - np.asarray(gathered)[:n]).max() <= 1e-5
+    assert np.abs(np.asarray(gathered)[:n] - spec[:n]).max() <= 1e-5

@@ -109,11 +109,66 @@ class LCLMModel:
             span_pos = jnp.arange(pooled.shape[0], dtype=jnp.int32)
         return self.adapter.apply({"params": adapter_params}, pooled, span_ids, span_pos)
 
+    def encode_and_pool(self, enc_params, input_ids, valid, positions, pool_index, pool_mask):
+        """Encoder + pooling, streamed over chunks of ``max_encode_batch_size`` windows.
+
+        Each chunk's hidden states are scattered straight into the pooled output (a sum for ``mean``,
+        a slot for ``concat`` / ``eos``), so only one chunk of hidden states is alive at a time: a
+        1M-token span needs memory for one chunk plus the ``[C, ...]`` pooled result. Same values as
+        ``pool(encode_windows(...))`` up to summation order.
+        """
+        nw, length = input_ids.shape
+        c, g = pool_index.shape
+        h_dim = self.encoder_config.hidden_size
+        pooling = self.config.pooling
+        flat_n = nw * length
+        where = jnp.where(pool_mask, pool_index, flat_n)  # masked members -> out of bounds (dropped)
+        tok_latent = jnp.full((flat_n,), c, jnp.int32).at[where].set(
+            jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[:, None], (c, g)), mode="drop")
+        tok_slot = jnp.zeros((flat_n,), jnp.int32).at[where].set(
+            jnp.broadcast_to(jnp.arange(g, dtype=jnp.int32)[None, :], (c, g)), mode="drop")
+        mb = self.max_encode_batch_size
+        mb = nw if mb <= 0 or nw <= mb else mb
+        if nw % mb:
+            raise ValueError(f"window count {nw} must be a multiple of max_encode_batch_size {mb} "
+                             "(pad windows to that bucket)")
+        bidirectional = self.config.bidirectional
+        acc_dtype = jnp.float32 if pooling == "mean" else self.dtype
+        acc0 = jnp.zeros((c, h_dim) if pooling != "concat" else (c, g, h_dim), acc_dtype)
+
+        def chunk(acc, xs):
+            ids, val, pos, tl, ts = xs
+            seg = val.astype(jnp.int32)
+            idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), ids.shape)
+            mask = AttnMask(seg, seg, idx, idx, causal=not bidirectional)
+            h, _ = self.encoder.apply({"params": enc_params}, ids, positions=pos, mask=mask)
+            h = h.reshape(-1, h_dim)
+            tl, ts = tl.reshape(-1), ts.reshape(-1)
+            if pooling == "mean":
+                return acc.at[tl].add(h.astype(jnp.float32), mode="drop"), None
+            if pooling == "concat":
+                return acc.at[tl, ts].set(h.astype(acc.dtype), mode="drop"), None
+            return acc.at[tl].set(h.astype(acc.dtype), mode="drop"), None
+
+        split = lambda a: a.reshape((nw // mb, mb) + a.shape[1:])  # noqa: E731
+        xs = (split(input_ids), split(valid), split(positions), split(tok_latent.reshape(nw, length)),
+              split(tok_slot.reshape(nw, length)))
+        if nw == mb:
+            acc, _ = chunk(acc0, jax.tree_util.tree_map(lambda a: a[0], xs))
+        else:
+            acc, _ = jax.lax.scan(chunk, acc0, xs)
+        if pooling == "mean":
+            count = jnp.maximum(pool_mask.sum(1, keepdims=True).astype(jnp.float32), 1.0)
+            return (acc / count).astype(self.dtype)
+        if pooling == "concat":
+            return acc.reshape(c, g * h_dim)
+        return acc
+
     def latents(self, params, enc, with_pooled=False):
         """Adapter outputs ``[C, H_dec]`` for an encoder batch dict (keys of ``windows.EncoderBatch`` plus
         ``span_ids`` and ``span_pos`` per latent, -1 / 0 on padded latents)."""
-        hidden = self.encode_windows(params["encoder"], enc["input_ids"], enc["valid"], enc["positions"])
-        pooled = self.pool(hidden, enc["pool_index"], enc["pool_mask"])
+        pooled = self.encode_and_pool(params["encoder"], enc["input_ids"], enc["valid"], enc["positions"],
+                                      enc["pool_index"], enc["pool_mask"])
         lat = self.adapt(params["adapter"], pooled, enc["span_ids"], enc["span_pos"])
         return (lat, pooled) if with_pooled else lat
 
