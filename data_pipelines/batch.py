@@ -202,3 +202,39 @@ def to_global(batch: TrainBatch, mesh, batch_axes=("data", "fsdp")) -> dict:
         spec = PartitionSpec(axes, *([None] * (a.ndim - 1)))
         out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), a)
     return out
+
+
+def to_model_inputs(batch: TrainBatch) -> dict:
+    """The batch in ``lclm_jax.lclm.model.LCLMModel``'s layout: one flat encoder grid for all rows.
+
+    ``encoder.input_ids [B*NW, L]`` (row ``b``'s windows first), ``pool_index [B*C, G]`` shifted
+    into that grid, ``placeholder_index [B*C]`` flat into ``B*S`` (-1 = padded latent),
+    ``span_ids``/``span_pos`` [B*C]: span number within the row and latent rank within the span
+    (a span's placeholders are one contiguous run; span numbers are unique across rows; -1 / 0
+    on padded latents).
+    """
+    B, NW, L = batch["enc_input_ids"].shape
+    S, C = batch["input_ids"].shape[1], batch["placeholder_index"].shape[1]
+    valid = batch["placeholder_valid"]
+    ph = batch["placeholder_index"]
+    new_run = np.ones_like(valid)
+    new_run[:, 1:] = np.diff(ph, axis=1) != 1
+    local = np.where(valid, np.cumsum(new_run & valid, axis=1) - 1, -1)
+    offset = np.concatenate([[0], np.cumsum(local.max(axis=1) + 1)[:-1]])
+    span_ids = np.where(valid, local + offset[:, None], -1)  # unique over the whole batch
+    run_start = np.maximum.accumulate(np.where(new_run, np.arange(C)[None], 0), axis=1)
+    span_pos = np.where(valid, np.arange(C)[None] - run_start, 0)
+    pidx = np.where(valid, batch["placeholder_index"] + (np.arange(B) * S)[:, None], -1)
+    pool = batch["pool_index"] + (np.arange(B) * NW * L)[:, None, None]
+    enc = {
+        "input_ids": batch["enc_input_ids"].reshape(B * NW, L),
+        "valid": batch["enc_valid"].reshape(B * NW, L),
+        "positions": batch["enc_positions"].reshape(B * NW, L),
+        "pool_index": np.where(batch["pool_mask"], pool, 0).reshape(B * C, -1).astype(np.int32),
+        "pool_mask": batch["pool_mask"].reshape(B * C, -1),
+        "span_ids": span_ids.reshape(-1).astype(np.int32),
+        "span_pos": span_pos.reshape(-1).astype(np.int32),
+    }
+    return {"input_ids": batch["input_ids"], "labels": batch["labels"],
+            "segment_ids": batch["segment_ids"], "positions": batch["positions"],
+            "placeholder_index": pidx.reshape(-1).astype(np.int32), "encoder": enc}

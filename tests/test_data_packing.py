@@ -126,3 +126,22 @@ def test_empty_rows_and_skip_counts(tok):
     ds = grain.MapDataset.source([skip_example("empty"), skip_example("invalid_utf8")])
     packs = list(PackIterDataset(ds.to_iter_dataset(), cfg.pack_config(), tok.memory_start_id))
     assert sum(p["skipped"].sum() for p in packs) == 2
+
+
+def test_to_model_inputs_flattens_rows(tok, examples):
+    from data_pipelines.batch import to_model_inputs
+
+    cfg = _cfg(tok)
+    b = collate(_packs(tok, examples, cfg)[:2], cfg)
+    m = to_model_inputs(b)
+    S, C = cfg.seq_len, cfg.dims()["C"]
+    flat = m["placeholder_index"]
+    assert np.all(b["input_ids"].reshape(-1)[flat[flat >= 0]] == tok.memory_id)
+    sid, spos = m["encoder"]["span_ids"], m["encoder"]["span_pos"]
+    n_spans = sum(len(e["span_lens"]) for p in _packs(tok, examples, cfg)[:2]
+                  for e in unpack(p, tok.memory_start_id))
+    assert sid.max() + 1 == n_spans and np.all(sid[flat < 0] == -1)
+    for s in range(n_spans):  # latent ranks within each span are 0..n-1
+        assert np.array_equal(spos[sid == s], np.arange(np.sum(sid == s)))
+    assert m["encoder"]["input_ids"].shape == (2 * cfg.max_windows, cfg.window_len)
+    assert flat.shape == (2 * C,) and S == b["input_ids"].shape[1]
