@@ -145,3 +145,19 @@ def test_to_model_inputs_flattens_rows(tok, examples):
         assert np.array_equal(spos[sid == s], np.arange(np.sum(sid == s)))
     assert m["encoder"]["input_ids"].shape == (2 * cfg.max_windows, cfg.window_len)
     assert flat.shape == (2 * C,) and S == b["input_ids"].shape[1]
+
+
+def test_to_global_shards_rows_over_the_mesh(tok, examples):
+    import jax
+
+    from data_pipelines.batch import DEVICE_KEYS, to_global
+
+    n = min(jax.device_count(), 8)
+    cfg = _cfg(tok, batch_size=n, seq_len=512, max_windows=32)
+    b = collate(_packs(tok, examples, cfg)[:n], cfg)
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    g = to_global(b, mesh)
+    assert set(g) == set(DEVICE_KEYS)
+    for k, v in g.items():
+        assert v.shape == b[k].shape and np.array_equal(np.asarray(v), b[k])
+        assert len(v.sharding.device_set) == n
