@@ -156,3 +156,14 @@ def test_streamed_pooling_equals_gather_reference(name):
     n = eb.num_latents
     assert np.abs(np.asarray(streamed)[:n] - np.asarray(gathered)[:n]).max() <= 1e-5
     assert np.abs(np.asarray(gathered)[:n] - spec[:n]).max() <= 1e-5
+
+
+def test_length_bucketing_avoids_recompiles(lm):
+    from lclm_jax.generate import SamplingConfig, make_generate_fn
+
+    lm.generate_ids(["Hello there"], max_new_tokens=4)
+    fn = make_generate_fn(lm.model, 16, SamplingConfig())
+    before = fn._cache_size()
+    lm.generate_ids(["Hello there, now a somewhat longer prompt with more words"], max_new_tokens=9)
+    lm.generate_ids(["Hi"], max_new_tokens=16)
+    assert fn._cache_size() == before
