@@ -94,7 +94,7 @@ class Qwen3Config:
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act={d['hidden_act']!r} is not supported (expected 'silu')")
         head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = ({f.name for f in dataclasses.fields(cls)} - {"extra"}) | {"model_type"}
         extra = {k: v for k, v in d.items() if k not in known}
         return cls(
             vocab_size=d["vocab_size"],
