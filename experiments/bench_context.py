@@ -136,21 +136,21 @@ def bench_generate(lm: LCLM, length: int, cr, decode_tokens: int, repeats: int, 
     stops = np.asarray([-1], np.int32)
     key = jax.random.PRNGKey(0)
     pad = np.int32(lm.processor.pad_id)
-    fns = {n: make_generate_fn(lm.model, _pow2(n, 16), SamplingConfig()) for n in (1, decode_tokens)}
-    peaks = []
+    ids, mask, _, lat, pidx = lm._decoder_batch([row], "left", batch_size=1)
+    fns, peaks = {}, []
+    for n in (1, decode_tokens):  # compile once; the compiled objects also give the memory estimates
+        fn = make_generate_fn(lm.model, _pow2(n, 16), SamplingConfig())
+        fns[n] = fn.lower(lm.params, ids, mask, lat, pidx, stops, np.int32(n), key, pad).compile()
+        peaks.append(_mem(fns[n]))
+    if row.span_ids:
+        _, enc = lm._encoder_inputs(row.span_ids)
+        peaks.append(_mem(lm._latents_fn.lower(lm.params, enc).compile()))
 
     def run(n):
         lm.clear_latent_cache()
         ids, mask, _, lat, pidx = lm._decoder_batch([row], "left", batch_size=1)
         return fns[n](lm.params, ids, mask, lat, pidx, stops, np.int32(n), key, pad)
 
-    # memory estimates of the compiled pieces (encoder + generation)
-    ids, mask, _, lat, pidx = lm._decoder_batch([row], "left", batch_size=1)
-    for n, fn in fns.items():
-        peaks.append(_mem(fn.lower(lm.params, ids, mask, lat, pidx, stops, np.int32(n), key, pad).compile()))
-    if row.span_ids:
-        _, enc = lm._encoder_inputs(row.span_ids)
-        peaks.append(_mem(lm._latents_fn.lower(lm.params, enc).compile()))
     run(1)
     run(decode_tokens)
     t1 = _best_time(lambda: run(1), repeats)
@@ -169,7 +169,8 @@ def bench_evict(lm: LCLM, length: int, method: str, cr: int, decode_tokens: int,
     t = ids.shape[1]
     budget = kv_eviction.budget_for(t, cr)
     gen, first = kv_eviction.make_evict_generate_fn(lm.model, method, t, budget, decode_tokens)
-    peaks = [_mem(gen.lower(lm.params, ids).compile()), _mem(first.lower(lm.params, ids).compile())]
+    gen, first = gen.lower(lm.params, ids).compile(), first.lower(lm.params, ids).compile()
+    peaks = [_mem(gen), _mem(first)]
     jax.block_until_ready(first(lm.params, ids))
     jax.block_until_ready(gen(lm.params, ids))
     t1 = _best_time(lambda: first(lm.params, ids), repeats)

@@ -126,4 +126,4 @@ def gsm8k_extract(text: str) -> str | None:
 
 def gsm8k_correct(text: str, reference: str) -> bool:
     got = gsm8k_extract(text)
-    return got is not None and got == _clean_number(reference)
+    return got is not None and got == gsm8k_reference(reference)  # a raw answer field or a bare number

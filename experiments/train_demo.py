@@ -135,10 +135,14 @@ class DemoTask:
 
 
 def train(out: str, steps: int = 800, batch: int = 16, lr: float = 3e-3, seed: int = 0, min_tokens: int = 32,
-          max_tokens: int = 256, log_every: int = 50, time_limit: float | None = None):
+          max_tokens: int = 256, log_every: int = 50, time_limit: float | None = None, init: str | None = None):
     cfg, enc_cfg, dec_cfg = model_configs()
     model = LCLMModel(cfg, enc_cfg, dec_cfg)
-    params = model.init(jax.random.PRNGKey(seed))
+    if init:  # continue from a saved demo checkpoint (same shapes)
+        _, _, _, params = lclm_io.read_lclm(init, dtype="float32")
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+    else:
+        params = model.init(jax.random.PRNGKey(seed))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     procs = {cr: LCLMProcessor.from_checkpoint(TOKENIZER_SOURCE, compression_ratio=cr) for cr in RATIOS}
     tasks = [DemoTask(f"c{cr}", procs[cr], batch, min_tokens, max_tokens) for cr in RATIOS]
@@ -177,11 +181,11 @@ def train(out: str, steps: int = 800, batch: int = 16, lr: float = 3e-3, seed: i
     params = jax.tree_util.tree_map(np.asarray, params)
     lclm_io.write_lclm(out, params, cfg, enc_cfg, dec_cfg, dtype="float32", tokenizers_from=str(TOKENIZER_SOURCE),
                        max_memory_length=4096)
-    info = {"steps": done, "batch": batch, "lr": lr, "seed": seed, "haystack_tokens": [min_tokens, max_tokens],
+    info = {"init": init, "steps": done, "batch": batch, "lr": lr, "seed": seed, "haystack_tokens": [min_tokens, max_tokens],
             "params": int(n_params), "train_seconds": round(time.time() - t0, 1), "ratios": list(RATIOS),
             "final_loss": {k: round(float(np.mean(v[-20:])), 4) for k, v in hist.items() if v},
             "command": f"python -m experiments.train_demo --out {out} --steps {steps} --batch {batch} --lr {lr} "
-                       f"--seed {seed}"}
+                       f"--seed {seed}" + (f" --init {init}" if init else "") + (f" --time-limit {time_limit}" if time_limit else "")}
     with open(os.path.join(out, "train_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     print(json.dumps(info), flush=True)
@@ -198,8 +202,9 @@ def main(argv=None):
     ap.add_argument("--min-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--time-limit", type=float, default=None, help="stop early after this many seconds")
+    ap.add_argument("--init", default=None, help="start from this demo checkpoint instead of random weights")
     a = ap.parse_args(argv)
-    train(a.out, a.steps, a.batch, a.lr, a.seed, a.min_tokens, a.max_tokens, time_limit=a.time_limit)
+    train(a.out, a.steps, a.batch, a.lr, a.seed, a.min_tokens, a.max_tokens, time_limit=a.time_limit, init=a.init)
 
 
 if __name__ == "__main__":
