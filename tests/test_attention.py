@@ -73,3 +73,16 @@ def test_bad_backend_and_cudnn_guard():
                         backend="cudnn")
         ref = attention(q, k, v, mask, backend="xla")
         assert np.abs(np.asarray(out, np.float32) - np.asarray(ref)).max() < 3e-2
+
+
+def test_blockwise_gradients_match_xla():
+    q, k, v = _qkv(4)
+    mask = _packed_mask(True)
+    w = jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32) * (mask.q_segment > 0)[..., None, None]
+
+    def f(backend):
+        return jax.grad(lambda a, b, c: (attention(a, b, c, mask, backend=backend, block_size=8) * w).sum(),
+                        argnums=(0, 1, 2))(q, k, v)
+
+    for a, b in zip(f("blockwise"), f("xla")):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4

@@ -87,45 +87,75 @@ def xla_attention(q, k, v, mask: AttnMask, scale: float):
     return o.reshape(b, t, n, h).astype(q.dtype)
 
 
-def blockwise_attention(q, k, v, mask: AttnMask, scale: float, block_size: int = 512):
-    """Online-softmax attention over key blocks: O(T * block) scores live at once, not O(T * S)."""
+def blockwise_attention(q, k, v, mask: AttnMask, scale: float, block_size: int = 512,
+                        q_block_size: int | None = None):
+    """Online-softmax attention tiled over query blocks x key blocks.
+
+    Only ``[q_block, block]`` scores live at once, so memory is linear in length. Key blocks that no
+    query of the current query block may see (wholly padding, or wholly in the causal future) are
+    skipped with ``lax.cond``, which halves causal prefill work; the skip is differentiable.
+    """
     b, t, n, h = q.shape
     s_len, kh = k.shape[1], k.shape[2]
     g = n // kh
     bs = min(block_size, s_len)
-    nblocks = -(-s_len // bs)
-    pad = nblocks * bs - s_len
-    kv_seg, kv_idx = mask.kv_segment, mask.kv_index
-    if pad:
+    bq = min(q_block_size or block_size, t)
+    nblocks, nq = -(-s_len // bs), -(-t // bq)
+    kv_seg, kv_idx, q_seg, q_idx = mask.kv_segment, mask.kv_index, mask.q_segment, mask.q_index
+    if nblocks * bs - s_len:
+        pad = nblocks * bs - s_len
         k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
         kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pad)))  # segment 0: never attended
         kv_idx = jnp.pad(kv_idx, ((0, 0), (0, pad)))
+    if nq * bq - t:
+        pad = nq * bq - t
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        q_seg = jnp.pad(q_seg, ((0, 0), (0, pad)))
+        q_idx = jnp.pad(q_idx, ((0, 0), (0, pad)))
     kb = k.reshape(b, nblocks, bs, kh, h).swapaxes(0, 1)
     vb = v.reshape(b, nblocks, bs, kh, h).swapaxes(0, 1)
     segb = kv_seg.reshape(b, nblocks, bs).swapaxes(0, 1)
     idxb = kv_idx.reshape(b, nblocks, bs).swapaxes(0, 1)
-    qg = _group(q, k)
+    big = jnp.iinfo(jnp.int32).max
 
-    def body(carry, xs):
-        m, l, acc = carry
-        kblk, vblk, seg, idx = xs
-        s = jnp.einsum("btkgh,bskh->bkgts", qg, kblk, preferred_element_type=jnp.float32) * scale
-        ok = _block_mask(mask, seg, idx)[:, None, None, :, :]
-        s = jnp.where(ok, s, _NEG)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[..., None])
-        l = l * corr + p.sum(axis=-1)
-        pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
-        acc = acc * corr[..., None] + pv
-        return (m_new, l, acc), None
+    def one_q_block(xs):
+        qblk, qs, qi = xs  # [b, bq, n, h], [b, bq], [b, bq]
+        qg = qblk.reshape(b, bq, kh, g, h)
+        sub = AttnMask(qs, qs, qi, qi, mask.causal)
+        q_max = jnp.max(jnp.where(qs != 0, qi, -1))
 
-    init = (jnp.full((b, kh, g, t), _NEG, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
-            jnp.zeros((b, kh, g, t, h), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(jax.checkpoint(body), init, (kb, vb, segb, idxb))
-    o = acc / jnp.maximum(l, 1e-30)[..., None]
-    return jnp.einsum("bkgth->btkgh", o).reshape(b, t, n, h).astype(q.dtype)
+        def compute(carry, kblk, vblk, seg, idx):
+            m, l, acc = carry
+            sc = jnp.einsum("btkgh,bskh->bkgts", qg, kblk, preferred_element_type=jnp.float32) * scale
+            ok = _block_mask(sub, seg, idx)[:, None, None, :, :]
+            sc = jnp.where(ok, sc, _NEG)
+            m_new = jnp.maximum(m, sc.max(axis=-1))
+            corr = jnp.exp(m - m_new)
+            p = jnp.exp(sc - m_new[..., None])
+            l = l * corr + p.sum(axis=-1)
+            pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
+            return m_new, l, acc * corr[..., None] + pv
+
+        def body(carry, kv):
+            kblk, vblk, seg, idx = kv
+            needed = jnp.any(seg != 0)
+            if mask.causal:
+                needed &= jnp.min(jnp.where(seg != 0, idx, big)) <= q_max
+            carry = jax.lax.cond(needed, jax.checkpoint(compute), lambda c, *_: c, carry, kblk, vblk, seg, idx)
+            return carry, None
+
+        init = (jnp.full((b, kh, g, bq), _NEG, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
+                jnp.zeros((b, kh, g, bq, h), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, segb, idxb))
+        o = acc / jnp.maximum(l, 1e-30)[..., None]
+        return jnp.einsum("bkgth->btkgh", o).reshape(b, bq, n, h).astype(q.dtype)
+
+    qb = q.reshape(b, nq, bq, n, h).swapaxes(0, 1)
+    qsb = q_seg.reshape(b, nq, bq).swapaxes(0, 1)
+    qib = q_idx.reshape(b, nq, bq).swapaxes(0, 1)
+    out = jax.lax.map(one_q_block, (qb, qsb, qib))  # [nq, b, bq, n, h]
+    return out.swapaxes(0, 1).reshape(b, nq * bq, n, h)[:, :t]
 
 
 def cudnn_attention(q, k, v, mask: AttnMask, scale: float):
