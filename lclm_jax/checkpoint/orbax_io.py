@@ -70,10 +70,22 @@ class TrainCheckpointer:
             try:
                 state, data, meta = self.restore(step, abstract_state)
                 return step, state, data, meta
-            except Exception as e:  # a damaged step: fall back to the previous one
+            except Exception as e:  # a damaged step: set it aside, fall back to the previous one
                 log.warning("checkpoint step %s in %s is unreadable (%s: %s); trying an older one", step,
                             self.directory, type(e).__name__, e)
+                self._set_aside(step)
         return None
+
+    def _set_aside(self, step: int):
+        """Rename a damaged step out of the manager's view (so training can save that step again)."""
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst = f"{src}.damaged"
+            n = 1
+            while os.path.exists(dst):
+                dst, n = f"{src}.damaged{n}", n + 1
+            os.replace(src, dst)
+        self.manager.reload()
 
 
 # ---------------------------------------------------------------------- read / write params only
@@ -82,7 +94,8 @@ def is_orbax_checkpoint(path) -> bool:
 
 
 def _step_dir(path: str) -> str | None:
-    if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, META_ITEM)):
+    if os.path.isdir(os.path.join(path, META_ITEM)) and (
+            os.path.isdir(os.path.join(path, "state")) or os.path.basename(path.rstrip("/")).isdigit()):
         return path
     if not os.path.isdir(path):
         return None

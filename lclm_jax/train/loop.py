@@ -252,7 +252,15 @@ def train_stage(run: RunConfig, *, mesh=None, source=None, previous_export: str 
                                       async_save=run.async_checkpoints)
     resumable = run.auto_resume and ckpt.latest_step() is not None
     if resumable:  # configs from the checkpoint; weights come from the restore below
-        meta = orbax_io.read_meta(os.path.join(ckpt.directory, str(ckpt.latest_step())))
+        meta = None
+        for st in reversed(ckpt.steps()):
+            try:
+                meta = orbax_io.read_meta(os.path.join(ckpt.directory, str(st)))
+                break
+            except (OSError, ValueError, IndexError):
+                continue
+        if meta is None:
+            raise RuntimeError(f"no readable checkpoint metadata in {ckpt.directory}")
         cfg, enc_cfg, dec_cfg = orbax_io.configs_from_meta(meta)
         src = ModelSource(cfg, enc_cfg, dec_cfg, None, meta.get("tokenizers_from"), "auto-resume")
     else:

@@ -126,7 +126,7 @@ def make_train_step(model: LCLMModel, optimizer, spec: TrainSpec, run, total_ste
         train, frozen = split(state["params"], spec)
         trained = sorted(set(jax.tree_util.tree_leaves(optim.labels(train, run))))
         loss, grads, count = grads_and_loss(model, spec, train, frozen, batch, run.grad_accum, run.ce_chunk_size)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         lrs = {g: scheds[g](state["sched_step"]) for g in trained}
         opt_state = optim.set_learning_rates(state["opt_state"], lrs)
@@ -134,7 +134,7 @@ def make_train_step(model: LCLMModel, optimizer, spec: TrainSpec, run, total_ste
         new_train = optax.apply_updates(train, updates)
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_train = keep(new_train, train)
-        new_opt = keep(new_opt, opt_state)
+        new_opt = keep(new_opt, state["opt_state"])
         rng, _ = jax.random.split(state["rng"])
         new_state = {
             "params": merge(new_train, frozen, spec),
