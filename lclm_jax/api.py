@@ -305,7 +305,8 @@ class LCLM:
 
 def load(path, dtype: str = "bfloat16", *, backend: str = "auto", max_encode_batch_size: int = 64,
          **overrides) -> LCLM:
-    """Load an LCLM checkpoint (official HF layout, a local directory or a Hub id)."""
+    """Load an LCLM checkpoint (official HF layout or an Orbax training checkpoint; a local directory or a
+    Hub id)."""
     if dtype not in JNP_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(JNP_DTYPES)}")
     path = lclm_io.resolve_checkpoint(os.fspath(path))
@@ -315,6 +316,7 @@ def load(path, dtype: str = "bfloat16", *, backend: str = "auto", max_encode_bat
     jd = JNP_DTYPES[dtype]
     model = LCLMModel(cfg, enc_cfg, dec_cfg, dtype=jd, param_dtype=jd, backend=backend,
                       encoder_backend="xla", max_encode_batch_size=max_encode_batch_size)
-    processor = LCLMProcessor.from_checkpoint(path, compression_ratio=cfg.compression_ratio)
+    tok_root = lclm_io.tokenizer_root(path)  # an Orbax training checkpoint keeps its tokenizers elsewhere
+    processor = LCLMProcessor.from_checkpoint(tok_root, compression_ratio=cfg.compression_ratio)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jd), params)
-    return LCLM(model, params, processor, source=path)
+    return LCLM(model, params, processor, source=tok_root)

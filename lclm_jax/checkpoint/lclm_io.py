@@ -87,6 +87,11 @@ def read_lclm(path, dtype="float32"):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a checkpoint directory")
+    if not os.path.isdir(os.path.join(path, "decoder")):  # an Orbax training checkpoint (lclm_jax.train)
+        from lclm_jax.checkpoint import orbax_io
+
+        if orbax_io.is_orbax_checkpoint(path):
+            return orbax_io.read_params(path, dtype)
     for sub in ("decoder", "encoder", "adapter"):
         if not os.path.isdir(os.path.join(path, sub)):
             raise CheckpointError(f"{path}: missing {sub}/ (expected model_config.json, decoder/, encoder/, "
@@ -128,6 +133,18 @@ def copy_tokenizers(src, dst):
     for sub in ("decoder", "encoder"):
         os.makedirs(os.path.join(dst, sub), exist_ok=True)
         copy_side_files(os.path.join(src, sub), os.path.join(dst, sub))
+
+
+def tokenizer_root(path) -> str:
+    """The directory holding ``decoder/`` and ``encoder/`` tokenizer files for a checkpoint (an Orbax
+    training checkpoint records where its tokenizers came from)."""
+    path = os.fspath(path)
+    if not os.path.isdir(os.path.join(path, "decoder")):
+        from lclm_jax.checkpoint import orbax_io
+
+        if orbax_io.is_orbax_checkpoint(path):
+            return orbax_io.read_meta(path).get("tokenizers_from") or path
+    return path
 
 
 def resolve_checkpoint(path_or_id: str) -> str:
