@@ -70,7 +70,7 @@ def device_peak_flops(override=None) -> float | None:
 _CPU_PEAK = None
 
 
-def measure_cpu_flops(n: int = 1024, reps: int = 5) -> float:
+def measure_cpu_flops(n: int = 1024, reps: int = 20) -> float:
     """fp32 matmul FLOP/s of this host (all fake CPU devices share the same cores)."""
     global _CPU_PEAK
     if _CPU_PEAK is None:
@@ -79,7 +79,8 @@ def measure_cpu_flops(n: int = 1024, reps: int = 5) -> float:
         dev = jax.devices()[0]
         a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
         f = jax.jit(lambda x: x @ x)
-        f(a).block_until_ready()
+        for _ in range(3):
+            f(a).block_until_ready()
         t = time.perf_counter()
         for _ in range(reps):
             f(a).block_until_ready()
