@@ -95,6 +95,7 @@ class BatchConfig:
     memory_id: int = 0
     memory_start_id: int = 0
     num_bins: int = 8
+    max_skips_in_a_row: int = 2000  # see PackConfig: fail instead of spinning on unusable data
 
     def window_config(self):
         from lclm_jax.lclm.windows import WindowConfig
@@ -104,7 +105,8 @@ class BatchConfig:
 
     def pack_config(self) -> PackConfig:
         return PackConfig(self.seq_len, self.max_windows, self.window_size,
-                          self.compression_ratio, self.max_latents, self.num_bins, self.pad_id)
+                          self.compression_ratio, self.max_latents, self.num_bins, self.pad_id,
+                          self.max_skips_in_a_row)
 
     @property
     def window_len(self) -> int:

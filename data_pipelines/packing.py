@@ -52,6 +52,9 @@ class PackConfig:
     max_latents: int | None = None  # default: min(seq_len, max_windows * window_size / cr)
     num_bins: int = 8
     pad_id: int = 0
+    # Records skipped in a row (no example packed in between) before the packer gives up with
+    # :class:`NothingFitsError` instead of pulling from an endless (repeated) stream forever.
+    max_skips_in_a_row: int = 2000
 
     @property
     def latent_budget(self) -> int:
@@ -114,6 +117,40 @@ def unpack(pack: dict[str, np.ndarray], memory_start_id: int) -> list[dict[str, 
     return out
 
 
+class NothingFitsError(RuntimeError):
+    """Every record of a long run was skipped: the pipeline would never emit a batch."""
+
+
+_HINTS = {
+    "too_long": ("examples exceed a pack's budgets: raise seq_len / max_windows / max_latents, or "
+                 "shorten the examples (cpt: max_document_tokens with long_document_policy="
+                 "'truncate'; reconstruction: max_span_tokens; sft: shorter chats)"),
+    "too_short": ("documents are shorter than the builder's minimum: lower cpt "
+                  "min_segment_tokens (a document needs 2 x that many tokens) or reconstruction "
+                  "min_span_tokens via the stream options, or use longer documents"),
+    "empty": "records have no text / messages: check the source and the builder's text_field",
+    "bad_format": ("records do not parse (JSON, fields, roles, an assistant turn): check the "
+                   "source format and the builder options (text_field, ...)"),
+    "invalid_utf8": "records are not valid UTF-8: check the source encoding",
+    "empty_span": "memory spans come out empty: check the tagged spans in the records",
+}
+
+
+def nothing_fits_message(in_a_row: int, skipped: np.ndarray, cfg: PackConfig,
+                         smallest: np.ndarray | None = None) -> str:
+    counts = {r: int(c) for r, c in zip(SKIP_REASONS, skipped) if c}
+    top = max(counts, key=counts.get) if counts else "too_long"
+    msg = (f"{in_a_row} records in a row were skipped and nothing was packed "
+           f"(skip reasons: {counts}); the pipeline would never produce a batch. Most are "
+           f"{top!r}: {_HINTS[top]}. Pack budgets: seq_len={cfg.seq_len}, "
+           f"max_windows={cfg.max_windows} x window_size={cfg.window_size}, "
+           f"latents={cfg.latent_budget}.")
+    if smallest is not None and top == "too_long":
+        msg += (f" The shortest example skipped as too long needed (decoder tokens, windows, "
+                f"latents) = {tuple(int(x) for x in smallest)}.")
+    return msg + " (PackConfig.max_skips_in_a_row sets this limit.)"
+
+
 class PackIterDataset(grain.IterDataset):
     """First-fit packer over example dicts (and skip markers); see the module docstring."""
 
@@ -147,7 +184,10 @@ class _PackIterator(grain.DatasetIterator):
         skipped = np.zeros(NUM_SKIP_REASONS, np.int32)
         too_long = SKIP_REASONS.index("too_long")
         next_carry = None
+        in_a_row, smallest = 0, None
         while True:
+            if in_a_row >= cfg.max_skips_in_a_row > 0:
+                raise NothingFitsError(nothing_fits_message(in_a_row, skipped, cfg, smallest))
             if self._carry is not None:
                 ex, before = self._carry
                 self._carry = None
@@ -160,11 +200,16 @@ class _PackIterator(grain.DatasetIterator):
                     break
             if int(ex["skip"]) >= 0:
                 skipped[int(ex["skip"])] += 1
+                in_a_row += 1
                 continue
             cost = np.array(example_cost(ex, cfg))
             if np.any(cost > budgets) or cost[0] == 0:
                 skipped[too_long] += 1
+                in_a_row += 1
+                if cost[0] > 0 and (smallest is None or cost[0] < smallest[0]):
+                    smallest = cost
                 continue
+            in_a_row = 0
             for b in range(len(bins)):
                 if np.all(used[b] + cost <= budgets):
                     bins[b].append(ex)

@@ -49,7 +49,8 @@ class StreamSpec:
     """One input stream: ``kind`` in :data:`KINDS`, a source spec, a weight, builder overrides.
 
     Source specs: ``jsonl:GLOB``, ``parquet:GLOB``, ``arrayrecord:GLOB`` (JSON records),
-    ``tfds:NAME[:SPLIT]`` (``tfds.data_source``; set ``tfds_data_dir`` in the pipeline config).
+    ``tfds:NAME[:SPLIT]`` (``tfds.data_source``; set ``tfds_data_dir`` in the pipeline config),
+    ``demo:docs:N[:MIN-MAX]`` / ``demo:chats:N`` (synthetic records, see :func:`demo_records`).
     ``records`` may instead hold an in-memory list (tests, demos).
     """
 
@@ -96,7 +97,28 @@ def open_source(spec: str, tfds_data_dir: str | None = None):
     if kind == "tfds":
         name, _, split = rest.partition(":")
         return sources.tfds_source(name, split or "train", data_dir=tfds_data_dir)
+    if kind == "demo":
+        return demo_records(rest)
     raise ValueError(f"unknown source kind in {spec!r}")
+
+
+def demo_records(spec: str) -> list[dict]:
+    """Synthetic in-memory records (:mod:`data_pipelines.testing`), no files needed.
+
+    ``docs:N[:MIN-MAX[:SEED]]``: ``N`` word-salad documents of ``MIN``-``MAX`` words (default
+    50-4000); ``chats:N[:SEED]``: ``N`` chat records. Deterministic for a given spec.
+    """
+    from data_pipelines import testing
+
+    parts = spec.split(":")
+    what, n = parts[0], int(parts[1]) if len(parts) > 1 and parts[1] else 1000
+    if what == "docs":
+        lo, _, hi = (parts[2] if len(parts) > 2 and parts[2] else "50-4000").partition("-")
+        seed = int(parts[3]) if len(parts) > 3 else 0
+        return testing.random_documents(n, seed, (int(lo), int(hi)))
+    if what == "chats":
+        return testing.random_chats(n, int(parts[2]) if len(parts) > 2 else 0)
+    raise ValueError(f"demo source {spec!r}: expected docs:N[:MIN-MAX[:SEED]] or chats:N[:SEED]")
 
 
 def make_builder(stream: StreamSpec, tok: Tokenizers):

@@ -26,8 +26,10 @@ An optional ``jax`` section holds what only this implementation needs (all keys 
 the reference's grouping of attention-adapter weights, "adapter" routes them to the adapter group);
 ``lr_offset`` (the schedule is evaluated at ``k = step + lr_offset``; the reference's 1/N for N
 processes, default 1); ``init_from`` (an LCLM checkpoint to start stage 0 from instead of the base
-models); ``streams`` (pipeline stream specs ``KIND=WEIGHT@SOURCE`` used when ``dataset`` is not a
-directory of packed shards); ``peak_flops`` (per device, for MFU); ``tensorboard``.
+models); ``streams`` (pipeline stream specs ``KIND=WEIGHT@SOURCE`` built online with
+``data_pipelines.pipeline.build_dataset`` when ``dataset`` is ``stream`` or names no packed shards)
+and ``stream_options`` ({kind: {builder option: value}}, e.g. ``cpt: {min_segment_tokens: 16}``);
+both may also be set per stage; ``peak_flops`` (per device, for MFU); ``tensorboard``.
 ``dataset: synthetic`` selects the built-in synthetic source (tests, benchmarks).
 """
 
@@ -169,6 +171,7 @@ class RunConfig:
     peak_flops: float | None
     tensorboard: bool
     ignored: tuple
+    stream_options: dict = dataclasses.field(default_factory=dict)  # {kind: {builder option: value}}
 
     @property
     def stage_dir(self) -> str:
@@ -263,7 +266,8 @@ def resolve(raw: dict, stage: int, output_dir: str | None = None, overrides=()) 
         backend=str(jx.get("backend", "xla")),
         mesh={"data": 1, "fsdp": -1, "tensor": 1, **(jx.get("mesh") or {})},
         dataset=str(s.get("dataset", "synthetic")),
-        streams=tuple(jx.get("streams") or ()),
+        streams=tuple(s.get("streams") or jx.get("streams") or ()),
+        stream_options=dict(s.get("stream_options") or jx.get("stream_options") or {}),
         seed=int(t.get("seed", 4231)),
         skip_step_ranges=parse_ranges(s.get("skip_step_ranges")),
         save_steps=int(t.get("save_steps", 100)),

@@ -103,8 +103,10 @@ def make_source(run, checkpoint_dir: str | None, memory_ids, *, process_index: i
     """The batch iterator for a run's ``dataset``.
 
     ``synthetic`` -> :class:`SyntheticSource`; a directory or glob of ArrayRecord shards written by
-    ``data_pipelines.prepare`` -> ``pipeline.packed_dataset``; otherwise ``jax.streams`` (pipeline
-    stream specs) built online with the checkpoint's tokenizers.
+    ``data_pipelines.prepare`` -> ``pipeline.packed_dataset``; ``stream`` (or no shards found) ->
+    ``jax.streams`` (pipeline stream specs, with ``jax.stream_options``) built online by
+    ``pipeline.build_dataset`` with the run's tokenizers. Either pipeline iterator's state is
+    JSON-able and goes into every checkpoint, so a resumed run continues at the same batch.
     """
     if run.dataset == "synthetic":
         return SyntheticSource(batch_config(run, memory_ids=memory_ids), seed=run.seed, process_index=process_index,
@@ -115,16 +117,32 @@ def make_source(run, checkpoint_dir: str | None, memory_ids, *, process_index: i
     tok = Tokenizers.from_checkpoint(checkpoint_dir, run.compression_ratio)
     pcfg_kw = dict(batch=batch_config(run, tok), seed=run.seed, process_index=process_index,
                    process_count=process_count)
-    shards = run.dataset
-    if os.path.isdir(shards):
-        shards = os.path.join(shards, "*.array_record*")
-    paths = sorted(glob.glob(shards))
+    paths = []
+    if run.dataset not in ("stream", "streams"):
+        shards = run.dataset
+        if os.path.isdir(shards):
+            shards = os.path.join(shards, "*.array_record*")
+        paths = sorted(glob.glob(shards))
     if paths:
         it = iter(pipeline.packed_dataset(paths, pipeline.PipelineConfig(streams=(), **pcfg_kw)))
     elif run.streams:
-        streams = tuple(pipeline.parse_stream(s) for s in run.streams)
+        streams = tuple(stream_specs(run))
         it = iter(pipeline.build_dataset(pipeline.PipelineConfig(streams=streams, **pcfg_kw), tok))
     else:
         raise FileNotFoundError(f"dataset {run.dataset!r}: no packed shards found and no jax.streams given "
                                 "(use dataset: synthetic for a synthetic source)")
     return it
+
+
+def stream_specs(run):
+    """``run.streams`` (``KIND=WEIGHT@SOURCE``) as pipeline ``StreamSpec``s with ``run.stream_options``."""
+    import dataclasses
+
+    from data_pipelines import pipeline
+
+    out = []
+    for text in run.streams:
+        spec = pipeline.parse_stream(text)
+        opts = (run.stream_options or {}).get(spec.kind) or {}
+        out.append(dataclasses.replace(spec, options={**spec.options, **opts}))
+    return out
