@@ -62,8 +62,8 @@ def evaluate(lm, tasks, lengths, n: int = 20, seed: int = 0, batch_size: int = 8
 
 def table(result, lengths) -> str:
     header = ["task"] + [str(x) for x in lengths]
-    rows = [[ruler.SHORT_NAMES.get(t, t)] + [result["scores"][t].get(x, "-") for x in lengths]
-            for t in result["scores"]]
+    order = [t for t in ruler.TASKS if t in result["scores"]] + [t for t in result["scores"] if t not in ruler.TASKS]
+    rows = [[ruler.SHORT_NAMES.get(t, t)] + [result["scores"][t].get(x, "-") for x in lengths] for t in order]
     rows.append(["average"] + [result["average"].get(x, "-") for x in lengths])
     return ec.format_table(header, rows)
 

@@ -5,8 +5,8 @@
 One model serves every compression ratio: with mean pooling the device model does not depend on the
 ratio (the host decides how many tokens each latent pools), so training cycles through steps at
 cr 4, 8 and 16 plus a step with the haystack given raw to the decoder (so the same decoder is also
-the "uncompressed" baseline of the demo). Compressed steps mix needle questions (75%) with
-reconstruction rows (25%). Each step type has fixed shapes, so there are four compiles in all.
+the "uncompressed" baseline of the demo). Every step mixes needle questions (75%) with
+reconstruction rows (25%; on raw steps the text to repeat is given raw, i.e. plain copying). Each step type has fixed shapes, so there are four compiles in all.
 
 The model is tiny (encoder 2x64, decoder 3x128, ~0.6M parameters) and uses the 509-token byte-level
 BPE of the test fixtures (decoder vocabulary 512 with the three memory tokens). Loss is
@@ -122,8 +122,11 @@ class DemoTask:
     def rows(self, rng: random.Random):
         out = []
         for _ in range(self.batch):
-            if self.kind != "raw" and rng.random() < self.recon_frac:
-                out.append(demo_data.reconstruction_pair(rng, rng.randint(4, 14)))
+            if rng.random() < self.recon_frac:  # dense copy supervision (raw rows: plain copying)
+                prompt, target = demo_data.reconstruction_pair(rng, rng.randint(4, 14))
+                if self.kind == "raw":
+                    prompt = prompt.replace(demo_data.MEM_START, "").replace(demo_data.MEM_END, "")
+                out.append((prompt, target))
                 continue
             ex = demo_data.needle_example_tokens(rng, rng.randint(self.min_tokens, self.max_tokens), self.count,
                                                  rng.randint(*self.digits))
@@ -135,7 +138,8 @@ class DemoTask:
 
 
 def train(out: str, steps: int = 800, batch: int = 16, lr: float = 3e-3, seed: int = 0, min_tokens: int = 32,
-          max_tokens: int = 256, log_every: int = 50, time_limit: float | None = None, init: str | None = None):
+          max_tokens: int = 256, log_every: int = 50, time_limit: float | None = None, init: str | None = None,
+          digits=(4, 7), kinds=("c4", "c8", "c16", "raw")):
     cfg, enc_cfg, dec_cfg = model_configs()
     model = LCLMModel(cfg, enc_cfg, dec_cfg)
     if init:  # continue from a saved demo checkpoint (same shapes)
@@ -145,8 +149,8 @@ def train(out: str, steps: int = 800, batch: int = 16, lr: float = 3e-3, seed: i
         params = model.init(jax.random.PRNGKey(seed))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     procs = {cr: LCLMProcessor.from_checkpoint(TOKENIZER_SOURCE, compression_ratio=cr) for cr in RATIOS}
-    tasks = [DemoTask(f"c{cr}", procs[cr], batch, min_tokens, max_tokens) for cr in RATIOS]
-    tasks.append(DemoTask("raw", procs[4], batch, min_tokens, max_tokens))
+    tasks = [DemoTask(k, procs[int(k[1:]) if k != "raw" else 4], batch, min_tokens, max_tokens, tuple(digits))
+             for k in kinds]
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.01))
     opt_state = opt.init(params)
@@ -181,11 +185,14 @@ def train(out: str, steps: int = 800, batch: int = 16, lr: float = 3e-3, seed: i
     params = jax.tree_util.tree_map(np.asarray, params)
     lclm_io.write_lclm(out, params, cfg, enc_cfg, dec_cfg, dtype="float32", tokenizers_from=str(TOKENIZER_SOURCE),
                        max_memory_length=4096)
-    info = {"init": init, "steps": done, "batch": batch, "lr": lr, "seed": seed, "haystack_tokens": [min_tokens, max_tokens],
+    info = {"init": init, "steps": done, "batch": batch, "lr": lr, "seed": seed,
+            "haystack_tokens": [min_tokens, max_tokens], "digits": list(digits), "kinds": list(kinds),
             "params": int(n_params), "train_seconds": round(time.time() - t0, 1), "ratios": list(RATIOS),
             "final_loss": {k: round(float(np.mean(v[-20:])), 4) for k, v in hist.items() if v},
             "command": f"python -m experiments.train_demo --out {out} --steps {steps} --batch {batch} --lr {lr} "
-                       f"--seed {seed}" + (f" --init {init}" if init else "") + (f" --time-limit {time_limit}" if time_limit else "")}
+                       f"--seed {seed} --min-tokens {min_tokens} --max-tokens {max_tokens} "
+                       f"--digits {digits[0]} {digits[1]} --kinds {' '.join(kinds)}" + (f" --init {init}" if init else "")
+                       + (f" --time-limit {time_limit}" if time_limit else "")}
     with open(os.path.join(out, "train_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     print(json.dumps(info), flush=True)
@@ -203,8 +210,12 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--time-limit", type=float, default=None, help="stop early after this many seconds")
     ap.add_argument("--init", default=None, help="start from this demo checkpoint instead of random weights")
+    ap.add_argument("--digits", type=int, nargs=2, default=[4, 7], help="needle value digits (min max)")
+    ap.add_argument("--kinds", nargs="+", default=["c4", "c8", "c16", "raw"], choices=["c4", "c8", "c16", "raw"],
+                    help="step types cycled through (cN: compressed at ratio N; raw: context given raw)")
     a = ap.parse_args(argv)
-    train(a.out, a.steps, a.batch, a.lr, a.seed, a.min_tokens, a.max_tokens, time_limit=a.time_limit, init=a.init)
+    train(a.out, a.steps, a.batch, a.lr, a.seed, a.min_tokens, a.max_tokens, time_limit=a.time_limit, init=a.init,
+          digits=a.digits, kinds=tuple(a.kinds))
 
 
 if __name__ == "__main__":

@@ -243,3 +243,14 @@ def test_demo_evaluation_path(tmp_path):
     lc4, lc8 = res["rows"][1]["context_tokens"], res["rows"][3]["context_tokens"]
     assert lc4 > lc8 and res["rows"][2]["context_tokens"] <= lc4
     assert json.loads((tmp_path / "demo.json").read_text())["n"] == 2
+
+
+def test_committed_demo_checkpoint_loads():
+    import pathlib
+
+    import lclm_jax
+    ckpt = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "demo_checkpoint"
+    for cr in (4, 8, 16):
+        m = lclm_jax.load(ckpt, dtype="float32", compression_ratio=cr)
+        assert m.processor.compression_ratio == cr and m.config.encoder_window_size % cr == 0
+    assert json.loads((ckpt / "train_info.json").read_text())["steps"] > 0
