@@ -2,7 +2,7 @@
 
 Host work (tokenising, windowing, padding to buckets) is numpy; device work is jitted and keyed by
 bucketed shapes, so repeated calls with new prompt lengths rarely recompile. Bucket sizes: decoder
-length to a multiple of 64 (at least 64), windows and latents to powers of two (at least 8 and 16),
+length to a multiple of 64 (at least 64), windows and latents to powers of two (latents at least 16),
 new tokens to a power of two (at least 16), batch to a power of two.
 """
 
@@ -77,7 +77,7 @@ class LCLM:
         wc = self.window_config
         mb = self.model.max_encode_batch_size
         nw = sum(-(-len(s) // wc.window_size) for s in spans)
-        wb = _pow2(nw, 8)
+        wb = _pow2(nw, 1)  # powers of two: few shapes, at most 2x padding (none for 2^k windows)
         if mb > 0 and wb > mb:
             wb = _mult(nw, mb)
         n_lat = sum(-(-len(s) // wc.compression_ratio) for s in spans)
