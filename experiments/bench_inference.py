@@ -37,6 +37,14 @@ PREFIX, QUESTION = 32, 16
 
 
 def _peak_mib() -> float:
+    """This process's peak resident set (VmHWM; ru_maxrss can carry the parent's peak across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
