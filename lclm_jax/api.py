@@ -315,7 +315,7 @@ def load(path, dtype: str = "bfloat16", *, backend: str = "auto", max_encode_bat
         cfg = cfg.replace(**overrides)
     jd = JNP_DTYPES[dtype]
     model = LCLMModel(cfg, enc_cfg, dec_cfg, dtype=jd, param_dtype=jd, backend=backend,
-                      encoder_backend="xla", max_encode_batch_size=max_encode_batch_size)
+                      encoder_backend=backend, max_encode_batch_size=max_encode_batch_size)
     tok_root = lclm_io.tokenizer_root(path)  # an Orbax training checkpoint keeps its tokenizers elsewhere
     processor = LCLMProcessor.from_checkpoint(tok_root, compression_ratio=cfg.compression_ratio)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jd), params)
