@@ -18,7 +18,9 @@ import numpy as np
 
 from lclm_jax.checkpoint import lclm_io
 from lclm_jax.generate import SamplingConfig, make_generate_fn
-from lclm_jax.lclm.model import IGNORE, LCLMModel
+from lclm_jax.lclm.model import IGNORE, LCLMModel, chunked_cross_entropy
+from lclm_jax.modeling.attention import AttnMask
+from lclm_jax.modeling.qwen3 import head_matrix
 from lclm_jax.lclm.processor import LCLMProcessor, ProcessedPrompt
 from lclm_jax.lclm.windows import WindowConfig, build_encoder_batch, default_length
 from lclm_jax.qwen3_api import JNP_DTYPES
@@ -182,33 +184,29 @@ class LCLM:
             pidx[:c] = np.concatenate(flat_idx)
         return ids, mask, labels, latents, pidx
 
+    def _hidden(self, params, ids, mask, latents, pidx):
+        """Final decoder hidden states for a padded batch with latents spliced in (traced inside jit)."""
+        m = self.model
+        b, s = ids.shape
+        emb = m.embed_and_splice(params["decoder"], ids, latents.astype(m.dtype), pidx)
+        pos = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0).astype(jnp.int32)
+        h, _ = m.decoder_hidden(params["decoder"], emb, pos, AttnMask.make(b, s, attention_mask=mask))
+        return h
+
     @functools.cached_property
     def _forward_fn(self):
-        m = self.model
+        def fwd(params, ids, mask, latents, pidx):
+            h = self._hidden(params, ids, mask, latents, pidx)
+            return self.model.head(params["decoder"], h).astype(jnp.float32)
 
-        def fwd(params, ids, mask, latents, pidx, want):
-            b, s = ids.shape
-            emb = m.embed_and_splice(params["decoder"], ids, latents.astype(m.dtype), pidx)
-            pos = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0).astype(jnp.int32)
-            from lclm_jax.modeling.attention import AttnMask
-            h, _ = m.decoder_hidden(params["decoder"], emb, pos, AttnMask.make(b, s, attention_mask=mask))
-            return m.head(params["decoder"], h).astype(jnp.float32)
-
-        return jax.jit(fwd, static_argnums=(5,))
+        return jax.jit(fwd)
 
     @functools.cached_property
     def _loss_fn(self):
-        m = self.model
-
         def loss(params, ids, mask, labels, latents, pidx):
-            from lclm_jax.lclm.model import chunked_cross_entropy
-            from lclm_jax.modeling.attention import AttnMask
-            from lclm_jax.modeling.qwen3 import head_matrix
-            b, s = ids.shape
-            emb = m.embed_and_splice(params["decoder"], ids, latents.astype(m.dtype), pidx)
-            pos = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0).astype(jnp.int32)
-            h, _ = m.decoder_hidden(params["decoder"], emb, pos, AttnMask.make(b, s, attention_mask=mask))
-            return chunked_cross_entropy(h[:, :-1], labels[:, 1:], head_matrix(params["decoder"], m.decoder_config))
+            h = self._hidden(params, ids, mask, latents, pidx)
+            head = head_matrix(params["decoder"], self.model.decoder_config)
+            return chunked_cross_entropy(h[:, :-1], labels[:, 1:], head)
 
         return jax.jit(loss)
 
@@ -219,7 +217,7 @@ class LCLM:
     def logits_processed(self, p: ProcessedPrompt) -> np.ndarray:
         """float32 ``[S, V]`` logits for an already processed prompt (e.g. with appended token ids)."""
         ids, mask, _, lat, pidx = self._decoder_batch([p], "right")
-        out = self._forward_fn(self.params, ids, mask, lat, pidx, True)
+        out = self._forward_fn(self.params, ids, mask, lat, pidx)
         return np.asarray(out[0, :len(p.input_ids)])
 
     def logits_batch(self, prompts, padding_side: str = "right"):
@@ -227,7 +225,7 @@ class LCLM:
         rows = [self._process(p) for p in prompts]
         s = max(len(r.input_ids) for r in rows)
         ids, mask, _, lat, pidx = self._decoder_batch(rows, padding_side, length=s)
-        return np.asarray(self._forward_fn(self.params, ids, mask, lat, pidx, True)), mask
+        return np.asarray(self._forward_fn(self.params, ids, mask, lat, pidx)), mask
 
     def loss(self, prompt: str, target: str) -> float:
         """The reference's loss: mean token cross-entropy of ``target`` after the processed ``prompt``."""

@@ -30,6 +30,20 @@ class ConfigError(ValueError):
     """A configuration file is missing a field, has a wrong value, or describes an unsupported model."""
 
 
+def _load_json(path, filename: str) -> tuple[str, dict]:
+    """``(path, object)`` of a JSON config file (``path`` may be its directory); clear errors."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    if not os.path.exists(path):
+        raise ConfigError(f"no {filename} at {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return path, json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
     vocab_size: int
@@ -135,16 +149,7 @@ class Qwen3Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Qwen3Config":
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise ConfigError(f"no config.json at {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        path, d = _load_json(path, "config.json")
         return cls.from_dict(d, source=path)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
@@ -265,16 +270,7 @@ class LCLMConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "LCLMConfig":
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "model_config.json")
-        if not os.path.exists(path):
-            raise ConfigError(f"no model_config.json at {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        path, d = _load_json(path, "model_config.json")
         return cls.from_dict(d, source=path)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
