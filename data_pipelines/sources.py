@@ -37,7 +37,20 @@ def _expand(paths: str | Sequence[str]) -> list[str]:
     return out
 
 
-class JsonlSource:
+class _PicklesWithoutLocal:
+    """Pickles (for grain worker processes) without the per-thread file handles / caches in ``_local``."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
+class JsonlSource(_PicklesWithoutLocal):
     """Lines (bytes, without the newline) of one or more JSONL files; blank lines are dropped."""
 
     def __init__(self, paths: str | Sequence[str]):
@@ -73,20 +86,11 @@ class JsonlSource:
         line = fh.read(int(end - start))
         return line[:-1] if line.endswith(b"\r") else line
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_local"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._local = threading.local()
-
     def __repr__(self):
         return f"JsonlSource({len(self.paths)} files, {len(self)} records)"
 
 
-class ParquetSource:
+class ParquetSource(_PicklesWithoutLocal):
     """Rows of parquet files as dicts of Python values (``columns``: the ones to read)."""
 
     def __init__(self, paths: str | Sequence[str], columns: Sequence[str] | None = None):
@@ -118,15 +122,6 @@ class ParquetSource:
             table = pq.ParquetFile(self.paths[fi]).read_row_group(g, columns=self.columns)
             cache = self._local.cache = (gi, table.to_pylist())
         return cache[1][index - first]
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_local"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._local = threading.local()
 
     def __repr__(self):
         return f"ParquetSource({len(self.paths)} files, {len(self)} rows)"

@@ -51,6 +51,18 @@ def time_first_token(lm, prompt: str, repeats: int = 3) -> float:
     return ts[len(ts) // 2]
 
 
+def load_jsonl(path, n: int | None = None) -> list[dict]:
+    """The first ``n`` (all when None) JSON records of a JSONL file, blank lines skipped."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+            if n is not None and len(rows) >= n:
+                break
+    return rows
+
+
 def write_json(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

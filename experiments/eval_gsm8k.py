@@ -12,7 +12,6 @@ after ``####`` / "answer is", else the last number it wrote.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from experiments import eval_common as ec
@@ -32,17 +31,6 @@ def load_tfds(split: str = "test", data_dir: str | None = None, n: int | None = 
         dec = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)  # noqa: E731
         out.append({"question": dec(r["question"]), "answer": dec(r["answer"])})
     return out
-
-
-def load_jsonl(path, n: int | None = None) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-            if n is not None and len(rows) >= n:
-                break
-    return rows
 
 
 def build_prompt(question: str, wrap: bool = True, chat: bool = False) -> str:
@@ -79,7 +67,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="results/gsm8k")
     a = ap.parse_args(argv)
-    rows = load_jsonl(a.data, a.n) if a.data else load_tfds(a.tfds_split, a.tfds_data_dir, a.n)
+    rows = ec.load_jsonl(a.data, a.n) if a.data else load_tfds(a.tfds_split, a.tfds_data_dir, a.n)
     lm = ec.load_model(a.checkpoint, a.dtype)
     chat = ec.has_chat_tokens(lm) if a.chat == "auto" else a.chat == "yes"
     res = evaluate(lm, rows, not a.no_wrap, chat, a.max_new_tokens, a.batch_size)

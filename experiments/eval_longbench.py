@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
 
 from experiments import eval_common as ec
@@ -107,15 +106,7 @@ def build_prompt(task: str, row: dict, wrap: bool = True, chat: bool = False, ma
 
 
 def load_task(data_dir, task, n=None) -> list[dict]:
-    path = os.path.join(data_dir, f"{task}.jsonl")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-            if n is not None and len(rows) >= n:
-                break
-    return rows
+    return ec.load_jsonl(os.path.join(data_dir, f"{task}.jsonl"), n)
 
 
 def evaluate(lm, data_dir, tasks, n=None, wrap=True, chat=False, batch_size=4, max_context_tokens=None, log=print):
