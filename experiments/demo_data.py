@@ -88,6 +88,13 @@ def reconstruction_pair(rng: random.Random, n_words: int) -> tuple[str, str]:
     return f"{MEM_START}{text}{MEM_END}\nRepeat the text above exactly:", f" {text}"
 
 
+def haystack_reconstruction_pair(rng: random.Random, target_tokens: int, count_tokens, digits=(2, 4)):
+    """Reconstruction of a short haystack (noise sentences with a needle): the dense copy signal that
+    teaches the decoder to read exact strings, digits included, back out of the latents."""
+    ex = needle_example_tokens(rng, target_tokens, count_tokens, rng.randint(*digits))
+    return f"{MEM_START}{ex.haystack}{MEM_END}\nRepeat the text above exactly:", f" {ex.haystack}"
+
+
 def truncation_budget_chars(haystack: str, cr: int, count_tokens) -> int:
     """Characters of the haystack's tail that fit in ceil(T/cr) tokens (the compressed budget)."""
     budget = math.ceil(count_tokens(haystack) / cr)
