@@ -26,9 +26,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lclm_jax.generate import decode_compiler_options
 from lclm_jax.modeling import rope as rope_lib
 from lclm_jax.modeling.attention import AttnMask
-from lclm_jax.modeling.qwen3 import DecoderLayer, init_cache
+from lclm_jax.modeling.qwen3 import DecoderLayer, init_cache, split_cache, unstack_layers
 
 METHODS = ("snapkv", "sink")
 
@@ -52,9 +53,9 @@ def _window_scores(cfg, lp, x_in, k_cache, positions, t, window, kernel):
     q = _rms(q, lp["self_attn"]["q_norm"]["scale"], cfg.rms_norm_eps)
     cos, sin = rope_lib.cos_sin(positions[:, t - window:t], h, cfg.rope_theta, q.dtype)
     q = rope_lib.apply_rope(q, cos, sin)
-    k = k_cache[:, :t].astype(q.dtype)  # [B, T, K, H], RoPE applied
+    k = k_cache[:, :, :t].astype(q.dtype)  # [B, K, T, H], RoPE applied
     qg = q.reshape(b, window, kh, n // kh, h)
-    s = jnp.einsum("bwkgh,btkh->bkgwt", qg, k, preferred_element_type=jnp.float32) * h ** -0.5
+    s = jnp.einsum("bwkgh,bkth->bkgwt", qg, k, preferred_element_type=jnp.float32) * h ** -0.5
     qi = jnp.arange(t - window, t)[:, None]
     ki = jnp.arange(t)[None, :]
     s = jnp.where(ki <= qi, s, -1e30)
@@ -107,7 +108,7 @@ def make_evict_generate_fn(model, method: str, prompt_len: int, budget: int, max
 
         def body(h, xs):
             lp, lc = xs
-            out, new_c = layer.apply({"params": lp}, h, lc, positions, mask, 0)
+            (out, new_c), _ = layer.apply({"params": lp}, (h, lc), None, positions, mask, 0)
             sc = None
             if method == "snapkv":
                 sc = _window_scores(cfg, lp, h, new_c["k"], positions, t, window, kernel)
@@ -118,18 +119,17 @@ def make_evict_generate_fn(model, method: str, prompt_len: int, budget: int, max
         h, (cache, scores) = jax.lax.scan(body, x, (dparams["model"]["layers"], cache))
         h = _rms(h, dparams["model"]["norm"]["scale"], cfg.rms_norm_eps)
         logits = model.head(dparams, h[:, -1]).astype(jnp.float32)
-        return logits, cache, scores  # cache [L, B, T, K, H]; scores [L, B, K, T or 1]
+        return logits, cache, scores  # cache [L, B, K, T, H]; scores [L, B, K, T or 1]
 
     def compress(cache, scores):
         keep = jax.vmap(lambda sc: _keep_indices(method, sc, t, budget, window, sink))(scores)  # [L, B, K, n]
-        gather = lambda a: jnp.take_along_axis(  # noqa: E731
-            a, jnp.moveaxis(keep, 3, 2)[..., None], axis=2)  # a [L,B,T,K,H] <- idx [L,B,n,K,1]
+        gather = lambda a: jnp.take_along_axis(a, keep[..., None], axis=3)  # noqa: E731  [L,B,K,T,H] <- [L,B,K,n,1]
         total = budget + max_new
         out = {}
         for name in ("k", "v"):
             kept = gather(cache[name])
-            pad = jnp.zeros(kept.shape[:2] + (max_new,) + kept.shape[3:], kept.dtype)
-            out[name] = jnp.concatenate([kept, pad], axis=2)
+            pad = jnp.zeros(kept.shape[:3] + (max_new,) + kept.shape[4:], kept.dtype)
+            out[name] = jnp.concatenate([kept, pad], axis=3)
         return out, total
 
     def gen(params, ids):
@@ -137,6 +137,8 @@ def make_evict_generate_fn(model, method: str, prompt_len: int, budget: int, max
         b = ids.shape[0]
         logits, cache, scores = prefill(dparams, ids)
         cache, total = compress(cache, scores)
+        layer_params = unstack_layers(dparams["model"]["layers"], cfg.num_hidden_layers)  # once, not per token
+        cache = split_cache(cache, cfg.num_hidden_layers)
         kv_seg = jnp.ones((b, total), jnp.int32)
         kv_idx = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), (b, total))
         tokens = jnp.zeros((b, max_new), jnp.int32)
@@ -149,7 +151,7 @@ def make_evict_generate_fn(model, method: str, prompt_len: int, budget: int, max
             slot = budget + i
             qm = AttnMask(jnp.ones((b, 1), jnp.int32), kv_seg, jnp.full((b, 1), slot, jnp.int32), kv_idx, True)
             pos = jnp.full((b, 1), t + i, jnp.int32)
-            hh, cache = model.decoder_hidden(dparams, e, pos, qm, cache, slot)
+            hh, cache = model.decoder_step_hidden(dparams, layer_params, e, pos, qm, cache, slot)
             return cache, model.head(dparams, hh[:, 0]).astype(jnp.float32), tokens
 
         _, _, tokens = jax.lax.fori_loop(0, max_new, body, (cache, logits, tokens))
@@ -161,7 +163,7 @@ def make_evict_generate_fn(model, method: str, prompt_len: int, budget: int, max
         cache, _ = compress(cache, scores)
         return jnp.argmax(logits, -1), cache
 
-    return jax.jit(gen), jax.jit(first_token)
+    return jax.jit(gen, compiler_options=decode_compiler_options()), jax.jit(first_token)
 
 
 def evict_generate(lm, prompt_ids, method: str, cr: int, max_new_tokens: int = 32, **kw) -> list[int]:

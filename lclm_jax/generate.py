@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lclm_jax.modeling.attention import AttnMask
-from lclm_jax.modeling.qwen3 import init_cache
+from lclm_jax.modeling.qwen3 import init_cache, split_cache, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +85,9 @@ def make_generate_fn(model, max_new_bucket: int, sampling: SamplingConfig):
         cache = init_cache(dcfg, b, total, model.dtype)
         h, cache = model.decoder_hidden(dparams, emb, positions, pmask, cache, 0)
         logits = model.head(dparams, h[:, -1]).astype(jnp.float32)
+        n_layers = dcfg.num_hidden_layers
+        layer_params = unstack_layers(dparams["model"]["layers"], n_layers)  # sliced once, not per token
+        cache = split_cache(cache, n_layers)
         row_alive = mask.sum(-1) > 0
         state = dict(step=jnp.int32(0), cache=cache, logits=logits,
                      tokens=jnp.full((b, max_new_bucket), pad_id, jnp.int32), done=~row_alive,
@@ -109,7 +112,8 @@ def make_generate_fn(model, max_new_bucket: int, sampling: SamplingConfig):
             e = model.decoder.apply({"params": dparams}, tok[:, None], method="embed")
             slot = s + step
             qm = AttnMask(jnp.ones((b, 1), jnp.int32), kv_seg, jnp.full((b, 1), slot, jnp.int32), kv_idx, True)
-            hh, cache = model.decoder_hidden(dparams, e, st["pos"][:, None], qm, st["cache"], slot)
+            hh, cache = model.decoder_step_hidden(dparams, layer_params, e, st["pos"][:, None], qm, st["cache"],
+                                                  slot)
             logits = model.head(dparams, hh[:, 0]).astype(jnp.float32)
             return dict(step=step + 1, cache=cache, logits=logits, tokens=tokens, done=done, lengths=lengths,
                         seen=seen, rng=rng, pos=st["pos"] + 1)
@@ -117,4 +121,13 @@ def make_generate_fn(model, max_new_bucket: int, sampling: SamplingConfig):
         out = jax.lax.while_loop(cond, body, state)
         return out["tokens"], out["lengths"]
 
-    return jax.jit(gen)
+    return jax.jit(gen, compiler_options=decode_compiler_options())
+
+
+def decode_compiler_options() -> dict:
+    """XLA options for functions holding a decode loop. On CPU, copy insertion with region analysis: without
+    it XLA copies every loop-carried KV-cache buffer twice per generated token (it cannot prove that the
+    step's cache reads precede the in-place slot write), which made decode time grow with the context."""
+    if jax.default_backend() == "cpu":
+        return {"xla_cpu_copy_insertion_use_region_analysis": True}
+    return {}

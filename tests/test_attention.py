@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lclm_jax.modeling.attention import AttnMask, attention
+from lclm_jax.modeling.attention import AttnMask, attention, cached_attention
 
 
 def _qkv(seed, b=2, t=37, s=37, n=4, k=2, h=16, dtype=jnp.float32):
@@ -58,6 +58,26 @@ def test_cache_slots_and_causality():
     for backend in ("xla", "blockwise"):
         step = attention(q[:, 11:12], kc, vc, mask, backend=backend, block_size=4)
         assert np.abs(np.asarray(step[0, 0]) - np.asarray(full[0, 11])).max() <= 1e-5
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_cached_attention_matches_write_then_attend(t):
+    """Attending to the cache as read plus the new keys == writing them first and attending (xla), with
+    left padding in one row and stale values in the slots being written."""
+    r = np.random.default_rng(5)
+    b, s, n, kh, h, ci = 2, 20, 4, 2, 16, 12
+    q = jnp.asarray(r.normal(size=(b, t, n, h)), jnp.float32)
+    k_new, v_new = (jnp.asarray(r.normal(size=(b, t, kh, h)), jnp.float32) for _ in range(2))
+    kc, vc = (jnp.asarray(r.normal(size=(b, kh, s, h)), jnp.float32) for _ in range(2))  # [B, K, S, H]
+    seg = np.ones((b, s), np.int32)
+    seg[1, :5] = 0  # left padding
+    idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_idx = jnp.broadcast_to(jnp.arange(ci, ci + t, dtype=jnp.int32), (b, t))
+    mask = AttnMask(jnp.ones((b, t), jnp.int32), jnp.asarray(seg), q_idx, idx, True)
+    out = cached_attention(q, k_new, v_new, kc, vc, mask, ci, h ** -0.5)
+    write = lambda c, new: jax.lax.dynamic_update_slice(c, new.swapaxes(1, 2), (0, 0, ci, 0))  # noqa: E731
+    ref = attention(q, write(kc, k_new).swapaxes(1, 2), write(vc, v_new).swapaxes(1, 2), mask, backend="xla")
+    assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= 1e-5
 
 
 def test_bad_backend_and_cudnn_guard():

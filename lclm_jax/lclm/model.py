@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from lclm_jax.config import LCLMConfig, Qwen3Config
 from lclm_jax.lclm.adapter import Adapter
 from lclm_jax.modeling.attention import AttnMask
-from lclm_jax.modeling.qwen3 import Qwen3ForCausalLM, Qwen3Model, head_matrix
+from lclm_jax.modeling.layers import RMSNorm
+from lclm_jax.modeling.qwen3 import Qwen3ForCausalLM, Qwen3Model, head_matrix, unrolled_layers
 
 IGNORE = -100
 
@@ -189,6 +190,15 @@ class LCLMModel:
     def decoder_hidden(self, dec_params, embeds, positions, mask, cache=None, cache_index=0):
         return self.decoder.apply({"params": dec_params}, inputs_embeds=embeds, positions=positions, mask=mask,
                                   cache=cache, cache_index=cache_index, method="hidden")
+
+    def decoder_step_hidden(self, dec_params, layer_params, embeds, positions, mask, caches, cache_index):
+        """``decoder_hidden`` for decode steps: ``layer_params`` from ``qwen3.unstack_layers`` and ``caches``
+        from ``qwen3.split_cache`` (one per layer); returns ``(hidden after the final norm, caches)``."""
+        c = self.decoder_config
+        x, caches = unrolled_layers(c, self.dtype, self.param_dtype, self.backend, layer_params,
+                                    embeds.astype(self.dtype), caches, positions, mask, cache_index)
+        norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, self.param_dtype)
+        return norm.apply({"params": dec_params["model"]["norm"]}, x), caches
 
     def head(self, dec_params, hidden):
         return self.decoder.apply({"params": dec_params}, hidden, method="head")

@@ -88,6 +88,39 @@ def xla_attention(q, k, v, mask: AttnMask, scale: float):
     return o.reshape(b, t, n, h).astype(q.dtype)
 
 
+def cached_attention(q, k_new, v_new, k_cache, v_cache, mask: AttnMask, cache_index, scale: float):
+    """Attention of ``T`` new queries over a KV cache that does not hold their own keys yet.
+
+    ``k_new``/``v_new`` ``[B, T, K, H]`` belong at cache slots ``[cache_index, cache_index + T)``;
+    ``k_cache``/``v_cache`` are the cache *before* that write, in its storage layout ``[B, K, S, H]``.
+    One softmax runs over the cache's other slots and the new keys, so the result equals ``xla`` attention
+    over the cache after the write (up to summation order). Reading the cache before writing it is what
+    lets a decode loop update the cache in place: a read of the freshly written cache made XLA copy every
+    layer's whole cache at each generated token. Masking follows ``mask`` over all ``S`` slots.
+    """
+    b, t, n, h = q.shape
+    kh, s_len = k_cache.shape[1], k_cache.shape[2]
+    g = n // kh
+    qg = _group(q, k_new)
+    slots = jnp.arange(s_len, dtype=jnp.int32)
+    fresh = (slots >= cache_index) & (slots < cache_index + t)  # stale slots: their keys are k_new
+    ok_old = _block_mask(mask, mask.kv_segment, mask.kv_index) & ~fresh[None, None, :]
+    new_seg = jax.lax.dynamic_slice_in_dim(mask.kv_segment, cache_index, t, axis=1)
+    new_idx = jax.lax.dynamic_slice_in_dim(mask.kv_index, cache_index, t, axis=1)
+    ok_new = _block_mask(mask, new_seg, new_idx)
+    s_old = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    s_new = jnp.einsum("btkgh,bukh->bkgtu", qg, k_new, preferred_element_type=jnp.float32) * scale
+    s_old = jnp.where(ok_old[:, None, None], s_old, _NEG)
+    s_new = jnp.where(ok_new[:, None, None], s_new, _NEG)
+    m = jnp.maximum(s_old.max(axis=-1), s_new.max(axis=-1))[..., None]
+    p_old, p_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
+    den = p_old.sum(axis=-1) + p_new.sum(axis=-1)
+    o = (jnp.einsum("bkgts,bksh->bkgth", p_old.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+         + jnp.einsum("bkgtu,bukh->bkgth", p_new.astype(v_new.dtype), v_new, preferred_element_type=jnp.float32))
+    o = o / den[..., None]
+    return jnp.einsum("bkgth->btkgh", o).reshape(b, t, kh * g, h).astype(q.dtype)
+
+
 def blockwise_attention(q, k, v, mask: AttnMask, scale: float, block_size: int = 512,
                         q_block_size: int | None = None):
     """Online-softmax attention tiled over query blocks x key blocks.

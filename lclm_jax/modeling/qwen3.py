@@ -6,9 +6,11 @@ Pure-functional: parameters are one explicit pytree whose names mirror Hugging F
 ``lm_head``); kernels are ``[in, out]``. The layer stack is one ``nn.scan`` (leading ``layers`` axis
 on every layer parameter) around an ``nn.remat``-wrapped block, so a 36-layer model compiles once.
 
-A KV cache is explicit data: ``{"k": [L, B, S_max, K, H], "v": ...}`` is passed in and the updated
+A KV cache is explicit data: ``{"k": [L, B, K, S_max, H], "v": ...}`` is passed in and the updated
 cache is returned; new keys are written at slot ``cache_index`` (the same for every row: batches are
-left-padded so rows share slots). See ``attention.AttnMask`` for how masks and slots interact.
+left-padded so rows share slots). See ``attention.AttnMask`` for how masks and slots interact. The
+cache is stored kv-head-major (``K`` before ``S``) because that is the operand layout of the attention
+dots: with ``[.., S, K, H]`` storage every decode step transposed each layer's whole cache.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 
 from lclm_jax.config import Qwen3Config
 from lclm_jax.modeling import rope as rope_lib
-from lclm_jax.modeling.attention import AttnMask, attention
+from lclm_jax.modeling.attention import AttnMask, attention, cached_attention
 from lclm_jax.modeling.layers import MLP, RMSNorm
 
 REMAT_POLICIES = {
@@ -38,7 +40,9 @@ class Attention(nn.Module):
     rope_round_dtype: jnp.dtype | None = None  # round cos/sin to this dtype (reference adapter layers)
 
     @nn.compact
-    def __call__(self, x, positions, mask: AttnMask, layer_cache=None, cache_index=None):
+    def __call__(self, x, positions, mask: AttnMask, cache=None, cache_index=None, layer_index=None):
+        """``cache``: None, one layer's ``{"k", "v"}`` of ``[B, K, S, H]`` (``layer_index`` None), or the whole
+        stacked cache ``[L, B, K, S, H]`` with this layer at ``layer_index``. Returns ``(out, cache)``."""
         c = self.config
         b, t, _ = x.shape
         n, kh, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -53,17 +57,36 @@ class Attention(nn.Module):
         cos, sin = cos.astype(self.dtype), sin.astype(self.dtype)
         q = rope_lib.apply_rope(q, cos, sin)
         k = rope_lib.apply_rope(k, cos, sin)
-        new_cache = None
-        if layer_cache is not None:
-            ck = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                              (0, cache_index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                              (0, cache_index, 0, 0))
-            new_cache = {"k": ck, "v": cv}
-            k, v = ck.astype(self.dtype), cv.astype(self.dtype)
-        o = attention(q, k, v, mask, scale=h ** -0.5, backend=self.backend)
+        if cache is not None and t == 1:  # decode step: attend to the cache as read, then write the new slot
+            k_old, v_old = (_cache_read(cache[name], layer_index).astype(self.dtype) for name in ("k", "v"))
+            o = cached_attention(q, k, v, k_old, v_old, mask, cache_index, h ** -0.5)
+            cache = {name: _cache_write(cache[name], new, cache_index, layer_index)
+                     for name, new in (("k", k), ("v", v))}
+        else:
+            if cache is not None:  # prefill: write, then attend over the cache with the chosen backend
+                cache = {name: _cache_write(cache[name], new, cache_index, layer_index)
+                         for name, new in (("k", k), ("v", v))}
+                k, v = (_cache_read(cache[name], layer_index).swapaxes(1, 2).astype(self.dtype)
+                        for name in ("k", "v"))
+            o = attention(q, k, v, mask, scale=h ** -0.5, backend=self.backend)
         o = dense(c.hidden_size, "o_proj")(o.reshape(b, t, n * h))
-        return o, new_cache
+        return o, cache
+
+
+def _cache_write(buf, new, cache_index, layer_index):
+    """Write ``new`` ``[B, T, K, H]`` at slot ``cache_index`` of a ``[B, K, S, H]`` (or stacked ``[L, ...]``)
+    cache buffer. Inside the decode ``while_loop`` this is an in-place update of the loop-carried buffer."""
+    new = new.swapaxes(1, 2).astype(buf.dtype)  # [B, K, T, H]
+    if layer_index is None:
+        return jax.lax.dynamic_update_slice(buf, new, (0, 0, cache_index, 0))
+    return jax.lax.dynamic_update_slice(buf, new[None], (layer_index, 0, 0, cache_index, 0))
+
+
+def _cache_read(buf, layer_index):
+    """One layer's keys or values in the ``[B, K, S, H]`` storage layout."""
+    if layer_index is not None:
+        buf = jax.lax.dynamic_index_in_dim(buf, layer_index, axis=0, keepdims=False)
+    return buf
 
 
 class DecoderLayer(nn.Module):
@@ -73,19 +96,27 @@ class DecoderLayer(nn.Module):
     backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, cache_index):
+    def __call__(self, carry, layer_index, positions, mask, cache_index):
+        """``carry = (x, cache)`` -> ``((x, cache), None)`` (the shape ``nn.scan`` wants). The cache rides in
+        the scan carry, so each layer updates its slots in place (see ``Attention`` for the cache forms)."""
+        x, cache = carry
         c = self.config
         norm = lambda name: RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        a, new_cache = Attention(c, self.dtype, self.param_dtype, self.backend, name="self_attn")(
-            norm("input_layernorm")(x), positions, mask, layer_cache, cache_index)
+        a, cache = Attention(c, self.dtype, self.param_dtype, self.backend, name="self_attn")(
+            norm("input_layernorm")(x), positions, mask, cache, cache_index, layer_index)
         x = x + a
         x = x + MLP(c.hidden_size, c.intermediate_size, self.dtype, self.param_dtype, c.initializer_range,
                     name="mlp")(norm("post_attention_layernorm")(x))
-        return x, new_cache
+        return (x, cache), None
 
 
 def scanned_layers(config: Qwen3Config, dtype, param_dtype, backend: str, remat_policy: str, name="layers"):
-    """``num_hidden_layers`` decoder layers as one scan (params stacked on a leading axis)."""
+    """``num_hidden_layers`` decoder layers as one scan (params stacked on a leading axis).
+
+    Call as ``layers((x, cache), jnp.arange(L), positions, mask, cache_index)``. The whole stacked KV cache
+    is part of the carry (not a scanned input/output): scanned outputs would be written to a fresh buffer
+    and copied back every step, i.e. several full passes over the cache per generated token.
+    """
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
     block = DecoderLayer
@@ -124,7 +155,8 @@ class Qwen3Model(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if mask is None:
             mask = AttnMask.make(b, t, causal=True)
-        x, new_cache = self.layers(x, cache, positions, mask, cache_index)
+        layer_index = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+        (x, new_cache), _ = self.layers((x, cache), layer_index, positions, mask, cache_index)
         return self.norm(x), new_cache
 
 
@@ -162,9 +194,36 @@ class Qwen3ForCausalLM(nn.Module):
         return self.head(h), cache
 
 
+def unstack_layers(layer_params, num_layers: int):
+    """The scan's stacked layer params (``params["model"]["layers"]``) as one tree per layer."""
+    return [jax.tree_util.tree_map(lambda a, i=i: a[i], layer_params) for i in range(num_layers)]
+
+
+def split_cache(cache, num_layers: int):
+    """A stacked ``{"k", "v": [L, B, K, S, H]}`` cache as one ``{"k", "v": [B, K, S, H]}`` dict per layer."""
+    return [{name: buf[i] for name, buf in cache.items()} for i in range(num_layers)]
+
+
+def unrolled_layers(config: Qwen3Config, dtype, param_dtype, backend: str, layer_params, x, caches, positions,
+                    mask: AttnMask, cache_index):
+    """The layer stack as a Python loop over per-layer params and per-layer caches (for decode steps).
+
+    Same math as the scanned stack. Inside a decode ``while_loop`` the per-layer weights (sliced once,
+    outside the loop, by ``unstack_layers``) and caches are separate loop-carried buffers, so a step
+    reads each weight and cache entry once: the scan would slice (copy) every layer's weights and
+    cache out of the stacked arrays at each token, several times the bytes a step has to read.
+    """
+    layer = DecoderLayer(config, dtype, param_dtype, backend)
+    new_caches = []
+    for lp, cache in zip(layer_params, caches):
+        (x, cache), _ = layer.apply({"params": lp}, (x, cache), None, positions, mask, cache_index)
+        new_caches.append(cache)
+    return x, new_caches
+
+
 def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32):
     """An empty KV cache for ``batch`` rows of ``max_len`` slots."""
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
