@@ -79,13 +79,13 @@ def _group(q, k):
 
 def xla_attention(q, k, v, mask: AttnMask, scale: float):
     b, t, n, h = q.shape
-    qg = _group(q, k)
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    qg = _group(q, k).transpose(0, 2, 3, 1, 4)  # head-major [b, kh, g, t, h]: see blockwise_attention
+    s = jnp.einsum("bkgth,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     ok = mask.dense()[:, None, None, :, :]
     s = jnp.where(ok, s, _NEG)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
-    return o.reshape(b, t, n, h).astype(q.dtype)
+    o = jnp.einsum("bkgts,bskh->bkgth", p, v, preferred_element_type=jnp.float32)
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
 def cached_attention(q, k_new, v_new, k_cache, v_cache, mask: AttnMask, cache_index, scale: float):
@@ -147,28 +147,31 @@ def blockwise_attention(q, k, v, mask: AttnMask, scale: float, block_size: int =
         q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
         q_seg = jnp.pad(q_seg, ((0, 0), (0, pad)))
         q_idx = jnp.pad(q_idx, ((0, 0), (0, pad)))
-    kb = k.reshape(b, nblocks, bs, kh, h).swapaxes(0, 1)
-    vb = v.reshape(b, nblocks, bs, kh, h).swapaxes(0, 1)
+    # Head-major operands ([b, kh, g, t, h] queries, [b, kh, s, h] keys/values), transposed once here: the
+    # block dots then produce [b, kh, g, bq, bs] scores in their natural layout. With the [b, t, k, g, h]
+    # layout the score dot came out as [kh, s, (t, g)] and every elementwise pass (mask, max, exp) over
+    # the scores read it through a strided transpose, which cost ~4x the dots on CPU.
+    kb = k.reshape(b, nblocks, bs, kh, h).transpose(1, 0, 3, 2, 4)  # [nblocks, b, kh, bs, h]
+    vb = v.reshape(b, nblocks, bs, kh, h).transpose(1, 0, 3, 2, 4)
     segb = kv_seg.reshape(b, nblocks, bs).swapaxes(0, 1)
     idxb = kv_idx.reshape(b, nblocks, bs).swapaxes(0, 1)
     big = jnp.iinfo(jnp.int32).max
 
     def one_q_block(xs):
-        qblk, qs, qi = xs  # [b, bq, n, h], [b, bq], [b, bq]
-        qg = qblk.reshape(b, bq, kh, g, h)
+        qg, qs, qi = xs  # [b, kh, g, bq, h], [b, bq], [b, bq]
         sub = AttnMask(qs, qs, qi, qi, mask.causal)
         q_max = jnp.max(jnp.where(qs != 0, qi, -1))
 
         def compute(carry, kblk, vblk, seg, idx):
             m, l, acc = carry
-            sc = jnp.einsum("btkgh,bskh->bkgts", qg, kblk, preferred_element_type=jnp.float32) * scale
+            sc = jnp.einsum("bkgth,bksh->bkgts", qg, kblk, preferred_element_type=jnp.float32) * scale
             ok = _block_mask(sub, seg, idx)[:, None, None, :, :]
             sc = jnp.where(ok, sc, _NEG)
             m_new = jnp.maximum(m, sc.max(axis=-1))
             corr = jnp.exp(m - m_new)
             p = jnp.exp(sc - m_new[..., None])
             l = l * corr + p.sum(axis=-1)
-            pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
             return m_new, l, acc * corr[..., None] + pv
 
         def body(carry, kv):
@@ -182,14 +185,13 @@ def blockwise_attention(q, k, v, mask: AttnMask, scale: float, block_size: int =
         init = (jnp.full((b, kh, g, bq), _NEG, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
                 jnp.zeros((b, kh, g, bq, h), jnp.float32))
         (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, segb, idxb))
-        o = acc / jnp.maximum(l, 1e-30)[..., None]
-        return jnp.einsum("bkgth->btkgh", o).reshape(b, bq, n, h).astype(q.dtype)
+        return (acc / jnp.maximum(l, 1e-30)[..., None]).astype(q.dtype)  # [b, kh, g, bq, h]
 
-    qb = q.reshape(b, nq, bq, n, h).swapaxes(0, 1)
+    qb = q.reshape(b, nq, bq, kh, g, h).transpose(1, 0, 3, 4, 2, 5)  # [nq, b, kh, g, bq, h]
     qsb = q_seg.reshape(b, nq, bq).swapaxes(0, 1)
     qib = q_idx.reshape(b, nq, bq).swapaxes(0, 1)
-    out = jax.lax.map(one_q_block, (qb, qsb, qib))  # [nq, b, bq, n, h]
-    return out.swapaxes(0, 1).reshape(b, nq * bq, n, h)[:, :t]
+    out = jax.lax.map(one_q_block, (qb, qsb, qib))  # [nq, b, kh, g, bq, h]
+    return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, n, h)[:, :t]
 
 
 def cudnn_attention(q, k, v, mask: AttnMask, scale: float):
