@@ -106,8 +106,11 @@ def test_sharded_step_equals_single_device(setup):
         out[name] = (losses, float(m["grad_norm"]), jax.tree_util.tree_map(np.asarray, state["params"]))
     np.testing.assert_allclose(out["8"][0], out["1"][0], rtol=1e-5)
     np.testing.assert_allclose(out["8"][1], out["1"][1], rtol=1e-4)
+    # Adam's first steps divide each gradient by its own magnitude, so a parameter with a near-zero gradient
+    # turns summation-order noise between the two compilations into ~1e-5 absolute; loss and grad norm above
+    # are the tight checks.
     for a, b in zip(jax.tree_util.tree_leaves(out["8"][2]), jax.tree_util.tree_leaves(out["1"][2])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
 
 
 def test_stage0_trains_only_adapter_and_memory_rows(setup):
