@@ -103,7 +103,7 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--n", type=int, default=64, help="needle questions per condition")
     ap.add_argument("--haystack-tokens", type=int, default=256)
-    ap.add_argument("--digits", type=int, default=3, help="needle value digits (training used 2-4)")
+    ap.add_argument("--digits", type=int, default=2, help="needle value digits (the committed model was trained on 2)")
     ap.add_argument("--ratios", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--seed", type=int, default=1234, help="sample seed (training used other draws)")
     ap.add_argument("--batch-size", type=int, default=16)

@@ -231,6 +231,36 @@ def test_demo_data_and_truncation(count):
     assert ex.haystack.endswith(ex.prompt("truncated", b).split("\n")[1])
     prompt, target = demo_data.reconstruction_pair(rng, 6)
     assert target.strip() in prompt
+    prompt, target = demo_data.haystack_reconstruction_pair(rng, 90, count, (3, 3))
+    assert count(target.strip()) <= 90 and f"{ruler.MEM_START}{target.strip()}{ruler.MEM_END}" in prompt
+    assert "The special magic number for" in target
+
+
+def test_demo_tokenizer_is_compact_deterministic_and_committed(tmp_path):
+    import pathlib
+
+    from tokenizers import Tokenizer
+
+    from experiments import demo_tokenizer as dt
+    from lclm_jax.lclm.processor import LCLMProcessor
+    dt.build(str(tmp_path), seed=0)
+    enc = Tokenizer.from_file(str(tmp_path / "encoder" / "tokenizer.json"))
+    dec = Tokenizer.from_file(str(tmp_path / "decoder" / "tokenizer.json"))
+    assert enc.get_vocab_size() == dt.ENCODER_VOCAB and dec.get_vocab_size() == dt.DECODER_VOCAB
+    assert [dec.token_to_id(t) for t in (dt.EOS, *dt.MEMORY_TOKENS)] == [0, *range(dt.ENCODER_VOCAB, dt.DECODER_VOCAB)]
+    needle = "The special magic number for calm-harbor is: 407."
+    e = enc.encode(needle)
+    assert enc.decode(e.ids) == needle and e.tokens[-3:] == ["\u0120", "407", "."]  # a value < 1000: one token
+    assert len(e.ids) <= 12  # words are single tokens (a character-level vocabulary needs ~40)
+    assert all(len(enc.encode(str(i)).ids) == 1 for i in range(1000))
+    assert enc.encode("1234567").tokens == ["123", "456", "7"]  # longer numbers: runs of three digits
+    odd = "Zürich ☃ tabs\tand 12.5%"  # unseen text still round-trips through the byte alphabet
+    assert enc.decode(enc.encode(odd).ids) == odd
+    proc = LCLMProcessor.from_checkpoint(tmp_path, compression_ratio=4)
+    assert proc.memory_id == dt.DECODER_VOCAB - 1 and proc.eos_id == 0
+    committed = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "demo_checkpoint"
+    for side in ("encoder", "decoder"):  # the committed model uses exactly what the builder makes
+        assert (tmp_path / side / "tokenizer.json").read_bytes() == (committed / side / "tokenizer.json").read_bytes()
 
 
 def test_demo_evaluation_path(tmp_path):
