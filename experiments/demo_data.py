@@ -4,9 +4,9 @@ Everything is generated from a seed (no downloads). A *needle example* hides one
 ``The special magic number for {key} is: {value}.`` at a random depth in a haystack of short noise
 sentences and asks for the value of ``key``. The wording follows the RULER ``niah_single_1`` task of
 ``experiments/ruler.py`` (same needle, question and answer prefix), so a model trained here can also
-be scored by the RULER runner on that task. A *reconstruction example* wraps a short noisy text
-(words and numbers) in memory tags and asks the model to repeat it, which teaches the encoder to keep
-exact strings.
+be scored by the RULER runner on that task. A *reconstruction example* wraps a short haystack (with
+its needle) in memory tags and asks the model to repeat it, which teaches the encoder to keep exact
+strings. ``reconstruction_text`` (random words and numbers) feeds the demo tokenizer's corpus.
 
 Three renderings of the same needle example are used by the demo:
 
@@ -83,14 +83,9 @@ def reconstruction_text(rng: random.Random, n_words: int) -> str:
     return " ".join(words)
 
 
-def reconstruction_pair(rng: random.Random, n_words: int) -> tuple[str, str]:
-    text = reconstruction_text(rng, n_words)
-    return f"{MEM_START}{text}{MEM_END}\nRepeat the text above exactly:", f" {text}"
-
-
-def haystack_reconstruction_pair(rng: random.Random, target_tokens: int, count_tokens, digits=(2, 4)):
-    """Reconstruction of a short haystack (noise sentences with a needle): the dense copy signal that
-    teaches the decoder to read exact strings, digits included, back out of the latents."""
+def reconstruction_pair(rng: random.Random, target_tokens: int, count_tokens, digits=(2, 4)):
+    """Reconstruction of a short haystack (noise sentences with a needle): copy supervision that teaches
+    the decoder to read exact strings, the needle's value included, back out of the latents."""
     ex = needle_example_tokens(rng, target_tokens, count_tokens, rng.randint(*digits))
     return f"{MEM_START}{ex.haystack}{MEM_END}\nRepeat the text above exactly:", f" {ex.haystack}"
 

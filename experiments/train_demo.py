@@ -46,6 +46,7 @@ from lclm_jax.lclm.windows import WindowConfig, build_encoder_batch
 RATIOS = (4, 8, 16)
 WINDOW = 64
 EOS = "<|endoftext|>"
+RECON_TOKENS = (12, 48)  # haystack length range of the reconstruction rows
 
 
 def model_configs():
@@ -123,7 +124,8 @@ class DemoTask:
         else:
             cr = processor.compression_ratio
             # the longest row is a reconstruction: its latents plus the repeated text
-            self.seq_len = int(math.ceil((max(max_tokens / cr + overhead, 48 / cr + 48 + 24)) / 64) * 64)
+            longest = max(max_tokens / cr + overhead, RECON_TOKENS[1] / cr + RECON_TOKENS[1] + 24)
+            self.seq_len = int(math.ceil(longest / 64) * 64)
             self.n_windows = batch * math.ceil(max_tokens / WINDOW)
             self.n_latents = batch * math.ceil(max_tokens / cr) + 16
 
@@ -131,8 +133,8 @@ class DemoTask:
         out = []
         for _ in range(self.batch):
             if rng.random() < self.recon_frac:  # dense copy supervision (raw rows: plain copying)
-                prompt, target = demo_data.haystack_reconstruction_pair(rng, rng.randint(12, 48), self.count,
-                                                                        self.digits)
+                prompt, target = demo_data.reconstruction_pair(rng, rng.randint(*RECON_TOKENS), self.count,
+                                                              self.digits)
                 if self.kind == "raw":
                     prompt = prompt.replace(demo_data.MEM_START, "").replace(demo_data.MEM_END, "")
                 out.append((prompt, target))
@@ -158,7 +160,8 @@ def train(out: str, steps: int = 3000, batch: int = 16, lr: float = 3e-3, seed: 
     else:
         params = model.init(jax.random.PRNGKey(seed))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    tok_dir = demo_tokenizer.build(tempfile.mkdtemp(prefix="demo_tokenizer_"), seed=0)
+    tok_tmp = tempfile.TemporaryDirectory(prefix="demo_tokenizer_")  # removed when training returns
+    tok_dir = demo_tokenizer.build(tok_tmp.name, seed=0)
     procs = {cr: LCLMProcessor.from_checkpoint(tok_dir, compression_ratio=cr) for cr in RATIOS}
     tasks = [DemoTask(k, procs[int(k[1:]) if k != "raw" else 4], batch, min_tokens, max_tokens, tuple(digits),
                       recon_frac) for k in kinds]
