@@ -163,14 +163,14 @@ def run_agent(generate, prefix: str, chunks, question: str, *, max_rounds: int =
 
 # ---------------------------------------------------------------------------------------- NIAH eval
 def evaluate_niah(lm, tasks, lengths, n: int = 10, seed: int = 0, chunk_size: int = 512, max_rounds: int = 5,
-                  max_new_tokens: int = 64, chat: bool = False, log=print):
+                  max_new_tokens: int = 64, chat: bool = False, log=print, digits: int = 7):
     count = ec.token_counter(lm)
     cr = lm.config.compression_ratio
     gen = lambda p: lm.generate([p], max_new_tokens=max_new_tokens)[0]  # noqa: E731
     res = {}
     for length in lengths:
         for task in tasks:
-            samples = ruler.generate(task, length, n, seed, count)
+            samples = ruler.generate(task, length, n, seed, count, digits=digits)
             base, agent, rounds, exp_frac = [], [], [], []
             h0, m0 = lm.cache_hits, lm.cache_misses
             t0 = time.time()
@@ -202,12 +202,14 @@ def main(argv=None):
     ap.add_argument("--max-rounds", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--chat", choices=["auto", "yes", "no"], default="auto")
+    ap.add_argument("--digits", type=int, default=7, help="digits of the NIAH number values (RULER: 7)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="results/agent")
     a = ap.parse_args(argv)
     lm = ec.load_model(a.checkpoint, a.dtype)
     chat = ec.has_chat_tokens(lm) if a.chat == "auto" else a.chat == "yes"
-    res = evaluate_niah(lm, a.tasks, a.lengths, a.n, a.seed, a.chunk_size, a.max_rounds, a.max_new_tokens, chat)
+    res = evaluate_niah(lm, a.tasks, a.lengths, a.n, a.seed, a.chunk_size, a.max_rounds, a.max_new_tokens, chat,
+                       digits=a.digits)
     rows = [[ruler.SHORT_NAMES[t], L, r["baseline"], r["agent"], r["rounds"], r["cache_hits"], r["cache_misses"]]
             for t, d in res.items() for L, r in d.items()]
     print(ec.format_table(["task", "length", "compressed", "+EXPAND", "rounds", "cache hits", "misses"], rows))

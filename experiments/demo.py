@@ -2,10 +2,10 @@
 
     lclm-jax demo            # or: python -m experiments.demo [--n 64] [--haystack-tokens 256]
 
-The committed checkpoint ``experiments/demo_checkpoint`` (~0.6M parameters, trained by
+The committed checkpoint ``experiments/demo_checkpoint`` (~1.6M parameters, trained by
 ``python -m experiments.train_demo`` on synthetic needle retrieval + reconstruction, one model for
 cr 4/8/16) reads haystacks of noise sentences with one hidden ``The special magic number for KEY
-is: NNNN.`` and answers the question after them. For every ratio it compares, on the same samples:
+is: NN.`` and answers the question after them. For every ratio it compares, on the same samples:
 
 * ``lclm``        the haystack compressed to ceil(T/cr) latents;
 * ``truncated``   the haystack's last ceil(T/cr) tokens given raw (the same decoder-token budget);

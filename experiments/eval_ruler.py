@@ -22,7 +22,8 @@ from experiments import ruler
 
 
 def evaluate(lm, tasks, lengths, n: int = 20, seed: int = 0, batch_size: int = 8, chat: bool = False,
-             wrap: bool = True, data=None, max_new_tokens: int | None = None, log=print, keep_outputs: int = 3):
+             wrap: bool = True, data=None, max_new_tokens: int | None = None, log=print, keep_outputs: int = 3,
+             digits: int = 7):
     """Returns ``{"scores": {task: {length: score}}, "average": {length: avg}, "samples": [...]}``."""
     count = ec.token_counter(lm)
     rows = ruler.load_eval_rows(data, tasks, lengths, limit=n) if data else None
@@ -35,7 +36,7 @@ def evaluate(lm, tasks, lengths, n: int = 20, seed: int = 0, batch_size: int = 8
                 answers = [r["answers"] for r in sel]
             else:
                 try:
-                    samples = ruler.generate(task, length, n, seed, count)
+                    samples = ruler.generate(task, length, n, seed, count, digits=digits)
                 except ValueError as e:
                     log(f"skip {task}@{length}: {e}")
                     continue
@@ -103,6 +104,8 @@ def main(argv=None):
     ap.add_argument("--chat", choices=["auto", "yes", "no"], default="auto")
     ap.add_argument("--no-wrap", action="store_true", help="give the context raw (uncompressed decoder)")
     ap.add_argument("--compression-ratio", type=int, default=None, help="override the checkpoint's ratio")
+    ap.add_argument("--digits", type=int, default=7, help="digits of the NIAH number values (RULER: 7); the "
+                    "generator only")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="results/ruler")
     a = ap.parse_args(argv)
@@ -112,13 +115,14 @@ def main(argv=None):
     overrides = {"compression_ratio": a.compression_ratio} if a.compression_ratio else {}
     lm = ec.load_model(a.checkpoint, a.dtype, **overrides)
     chat = ec.has_chat_tokens(lm) if a.chat == "auto" else a.chat == "yes"
-    res = evaluate(lm, a.tasks, a.lengths, a.n, a.seed, a.batch_size, chat, not a.no_wrap, a.data, a.max_new_tokens)
+    res = evaluate(lm, a.tasks, a.lengths, a.n, a.seed, a.batch_size, chat, not a.no_wrap, a.data, a.max_new_tokens,
+                   digits=a.digits)
     cr = lm.config.compression_ratio
     print(f"\nRULER  checkpoint={a.checkpoint}  cr={cr}  wrap={not a.no_wrap}  n={a.n}")
     print(table(res, a.lengths))
     os.makedirs(a.out, exist_ok=True)
     out = {"checkpoint": a.checkpoint, "compression_ratio": cr, "wrap": not a.no_wrap, "n": a.n, "seed": a.seed,
-           "source": a.data or "generator", "lengths": a.lengths,
+           "digits": None if a.data else a.digits, "source": a.data or "generator", "lengths": a.lengths,
            "per_task": {t: {str(k): v for k, v in d.items()} for t, d in res["scores"].items()},
            "average": {str(k): v for k, v in res["average"].items()}, "samples": res["samples"]}
     ec.write_json(out, os.path.join(a.out, "ruler.json"))

@@ -282,3 +282,39 @@ def test_committed_demo_checkpoint_loads():
         m = lclm_jax.load(ckpt, dtype="float32", compression_ratio=cr)
         assert m.processor.compression_ratio == cr and m.config.encoder_window_size % cr == 0
     assert json.loads((ckpt / "train_info.json").read_text())["steps"] > 0
+
+
+def test_demo_training_schedule_and_rows():
+    from experiments import train_demo
+    sched = train_demo.schedule(220, 20, 3e-3, 3e-4)  # stage 1: 20 steps at 3e-3; stage 2: 200 at 3e-4
+    assert float(sched(0)) == 0.0 and float(sched(1)) == pytest.approx(3e-3)
+    assert float(sched(19)) < 3e-3 and float(sched(20)) == 0.0  # stage 2 warms up again
+    assert float(sched(30)) == pytest.approx(3e-4) and max(float(sched(i)) for i in range(20, 220)) <= 3e-4 * (1 + 1e-6)
+    with pytest.raises(ValueError, match="must exceed"):
+        train_demo.schedule(10, 10, 3e-3, 3e-4)
+
+
+def test_demo_training_runs_both_stages(tmp_path):
+    """Three steps (one raw warm-up, then cr 4 and raw) write a loadable checkpoint and a truthful log."""
+    import lclm_jax
+    from experiments import train_demo
+    train_demo.train(str(tmp_path), steps=3, raw_steps=1, batch=2, min_tokens=16, max_tokens=24, log_every=1,
+                     kinds=("c4", "raw"), recon_frac=0.5, short_frac=0.5, lr2=1e-4)
+    info = json.loads((tmp_path / "train_info.json").read_text())
+    assert info["steps"] == 3 and info["raw_steps"] == 1 and info["lr2"] == 1e-4
+    assert set(info["final_loss"]) == {"raw-warmup", "c4", "raw"}
+    assert all(np.isfinite(v) for v in info["final_loss"].values())
+    assert "--raw-steps 1" in info["command"] and "--short-frac 0.5" in info["command"]
+    m = lclm_jax.load(tmp_path, dtype="float32", compression_ratio=8)
+    assert m.processor.compression_ratio == 8
+
+
+def test_eval_ruler_value_digits(tmp_path):
+    """``--digits`` sets the NIAH value length (RULER's 7 by default) and is recorded in the JSON."""
+    from experiments import eval_ruler
+    out = eval_ruler.main(["--checkpoint", str(CKPT), "--tasks", "niah_single_1", "--lengths", "1024", "--n", "2",
+                           "--digits", "3", "--max-new-tokens", "4", "--out", str(tmp_path)])
+    assert out["digits"] == 3 and len(out["samples"]) == 2
+    assert all(len(s["answers"]) == 1 and len(s["answers"][0]) == 3 and s["answers"][0].isdigit()
+               for s in out["samples"])
+    assert json.loads((tmp_path / "ruler.json").read_text())["per_task"]["niah_single_1"]["1024"] is not None
