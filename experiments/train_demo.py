@@ -114,7 +114,7 @@ def make_batch(processor: LCLMProcessor, rows, seq_len: int, n_windows: int, n_l
     enc["span_ids"] = np.where(pidx >= 0, 0, -1).astype(np.int32)
     enc["span_pos"] = np.zeros((n_latents,), np.int32)
     positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)).copy()
-    needle = np.array([bool(r[2]) if len(r) > 2 else True for r in rows])
+    needle = np.array([bool(r[2]) for r in rows])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "positions": positions,
             "placeholder_index": pidx, "encoder": enc, "needle": needle}
 

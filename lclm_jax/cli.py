@@ -136,7 +136,8 @@ def main(argv=None) -> int:
             return int(convert_main(argv[1:]) or 0)
         from experiments.demo import main as demo_main
 
-        return int(demo_main(argv[1:]) or 0)
+        demo_main(argv[1:])  # returns its result dict; argparse errors exit with status 2 themselves
+        return 0
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":

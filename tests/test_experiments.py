@@ -271,6 +271,10 @@ def test_demo_evaluation_path(tmp_path):
     lc4, lc8 = res["rows"][1]["context_tokens"], res["rows"][3]["context_tokens"]
     assert lc4 > lc8 and res["rows"][2]["context_tokens"] <= lc4
     assert json.loads((tmp_path / "demo.json").read_text())["n"] == 2
+    from lclm_jax import cli  # the README's main job goes through the console script: exit status 0
+    assert cli.main(["demo", "--checkpoint", str(CKPT), "--n", "1", "--haystack-tokens", "48", "--ratios", "4",
+                     "--no-ttft", "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "demo.json").read_text())["n"] == 1
 
 
 def test_committed_demo_checkpoint_loads():
