@@ -289,6 +289,7 @@ def test_committed_demo_checkpoint_loads():
 
 
 def test_demo_training_schedule_and_rows():
+    """Two-stage learning-rate schedule; the three row kinds and their needle flags in the batch."""
     from experiments import train_demo
     sched = train_demo.schedule(220, 20, 3e-3, 3e-4)  # stage 1: 20 steps at 3e-3; stage 2: 200 at 3e-4
     assert float(sched(0)) == 0.0 and float(sched(1)) == pytest.approx(3e-3)
@@ -296,6 +297,26 @@ def test_demo_training_schedule_and_rows():
     assert float(sched(30)) == pytest.approx(3e-4) and max(float(sched(i)) for i in range(20, 220)) <= 3e-4 * (1 + 1e-6)
     with pytest.raises(ValueError, match="must exceed"):
         train_demo.schedule(10, 10, 3e-3, 3e-4)
+    import pathlib
+
+    from lclm_jax.lclm.processor import LCLMProcessor
+    proc = LCLMProcessor.from_checkpoint(pathlib.Path(__file__).resolve().parent.parent / "experiments" /
+                                         "demo_checkpoint", compression_ratio=4)
+    rng = random.Random(0)
+    short = train_demo.DemoTask("c4", proc, 3, 16, 32, (2, 2), recon_frac=0.0, short_frac=1.0)
+    for prompt, target, is_needle in short.rows(rng):  # haystack in memory tags, then "Answer:" only
+        assert is_needle and prompt.startswith(ruler.MEM_START) and prompt.endswith(f"{ruler.MEM_END}\nAnswer:")
+        assert target.strip(" .") in prompt and "What is" not in prompt
+    raw_full = train_demo.DemoTask("raw", proc, 3, 16, 32, (2, 2), recon_frac=0.0, short_frac=0.0)
+    for prompt, target, is_needle in raw_full.rows(rng):  # the RULER wording, no memory tags
+        assert is_needle and ruler.MEM_START not in prompt and "What is the special magic number" in prompt
+    recon = train_demo.DemoTask("c4", proc, 3, 16, 32, (2, 2), recon_frac=1.0)
+    rows = recon.rows(rng)
+    for prompt, target, is_needle in rows:  # reconstruction: the target is the wrapped haystack itself
+        assert not is_needle and f"{ruler.MEM_START}{target.strip()}{ruler.MEM_END}" in prompt
+    batch = train_demo.make_batch(proc, rows[:2] + short.rows(rng)[:1], recon.seq_len, recon.n_windows,
+                                  recon.n_latents)
+    assert batch["needle"].tolist() == [False, False, True] and (batch["placeholder_index"] >= 0).sum() > 0
 
 
 def test_demo_training_runs_both_stages(tmp_path):
